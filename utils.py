@@ -188,7 +188,7 @@ _TAG_RE = re.compile(r"</?(?:search|result)>")
 def check_format(response: str) -> bool:
     """The reference's format rules, on the response text (result contents already blanked, see
     reward_text): balanced think tags (>= 1 pair); exactly one <answer> then one </answer>; every
-    <search> followed, in order, by </search>, <result>, </result>; a \\boxed{ in the answer."""
+    <search> followed, in order, by </search>, <result>, </result>; a complete \\boxed{} in the answer."""
     n_think = response.count(THINK_OPEN)
     if n_think < 1 or n_think != response.count(THINK_CLOSE):
         return False
@@ -201,7 +201,7 @@ def check_format(response: str) -> bool:
     cycle = [SEARCH_OPEN, SEARCH_CLOSE, RESULT_OPEN, RESULT_CLOSE]
     if len(tags) % 4 or any(t != cycle[i % 4] for i, t in enumerate(tags)):
         return False
-    return "\\boxed{" in response[a0:a1]
+    return extract_answer(response) is not None  # a complete \\boxed{...} inside the answer
 
 
 def extract_answer(response: str) -> str | None:
@@ -243,80 +243,130 @@ def compute_reward(response: str, golden_answers, ended_with_eos: bool) -> dict:
 # Retrieval: a local bm25s index folder (built by 01_build_index.py) or any compatible HTTP server
 # ---------------------------------------------------------------------------------------------
 SearchFn = Callable[[list[str], int], list[list[dict]]]
+INDEX_FORMAT = 1  # bumped when the index folder layout changes
+MAX_TOPK = 1000  # more passages per query than any stage uses: bounded responses, no crash
 
 
 def read_manifest(index_dir: str | Path) -> dict:
+    """The manifest.json of an index folder (written last by 01_build_index.py, so a folder without
+    one is not a finished index)."""
     path = Path(index_dir) / "manifest.json"
+    if not Path(index_dir).is_dir():
+        raise ReSearchError(
+            f"no index folder at {index_dir}; build one with: python 01_build_index.py "
+            f"--corpus data/mini/corpus.jsonl --index_dir {index_dir}")
     if not path.is_file():
         raise ReSearchError(
-            f"no index at {index_dir} (missing {path.name}); build one with: python 01_build_index.py "
-            f"--corpus data/mini/corpus.jsonl --index_dir {index_dir}")
+            f"{index_dir} is not a finished index (missing {path.name}); rebuild it with: python "
+            f"01_build_index.py --corpus CORPUS.jsonl --index_dir {index_dir}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ReSearchError(f"{path}: corrupt manifest ({e}); rebuild the index") from e
+    if manifest.get("format") != INDEX_FORMAT:
+        raise ReSearchError(f"{path}: index format {manifest.get('format')!r}, this code reads "
+                            f"{INDEX_FORMAT}; rebuild the index with 01_build_index.py")
+    return manifest
 
 
-def bm25_tokenize(texts: list[str], manifest: dict, show_progress: bool = False):
-    """Tokenise with exactly the settings recorded in the index manifest (query side = build side)."""
-    import bm25s
-    stemmer = None
+def bm25_word_rule(manifest: dict):
+    """The tokeniser recorded in an index manifest, as two functions: split(text) -> lowercased words
+    (matches of token_pattern, scikit-learn's and bm25s's by default) and term(word) -> its stem, or
+    None for a stopword (stopwords are checked before stemming, as bm25s does). The build and every
+    query use this one rule, so they cannot disagree."""
+    findall = re.compile(manifest["token_pattern"]).findall
+    stop = frozenset(manifest.get("stopword_list") or ())
+    stem = None
     if manifest.get("stemmer"):
         import Stemmer
-        stemmer = Stemmer.Stemmer(manifest["stemmer"])
-    return bm25s.tokenize(texts, lower=True, stopwords=manifest.get("stopwords") or None,
-                          stemmer=stemmer, show_progress=show_progress, return_ids=True)
+        stem = Stemmer.Stemmer(manifest["stemmer"]).stemWord  # Snowball, via PyStemmer
+
+    def split(text: str) -> list[str]:
+        return findall(text.lower())
+
+    def term(word: str) -> str | None:
+        if word in stop:
+            return None
+        return stem(word) if stem else word
+
+    return split, term
+
+
+def bm25_tokenize(texts: list[str], manifest: dict) -> list[list[str]]:
+    """Texts -> lists of BM25 terms, by the manifest's rule (see bm25_word_rule)."""
+    split, term = bm25_word_rule(manifest)
+    return [[t for t in map(term, split(text)) if t is not None] for text in texts]
+
+
+def _check_topk(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TOPK:
+        raise ReSearchError(f"top-k must be an integer from 1 to {MAX_TOPK}, got {k!r}")
+    return k
 
 
 def load_local_retriever(index_dir: str | Path) -> SearchFn:
-    """Load a bm25s index folder (scores memory-mapped, passages read by offset from the folder's
-    corpus copy) and return search(queries, k) -> [[{"id", "contents"}]] in rank order."""
+    """Load an index folder built by 01_build_index.py and return search(queries, k) ->
+    [[{"id", "contents"}]] in rank order (best first; ties by corpus order; passages with score 0,
+    i.e. sharing no term with the query, are never returned, so an empty query gets []).
+    The bm25s score matrix is memory-mapped and passages are read by byte offset from the folder's
+    passages.jsonl, so loading costs little memory even for wiki-18. search.scored(queries, k) gives
+    [[(passage, score)]]; both are safe to call from several threads."""
     import bm25s
     import numpy as np
+
+    index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
-    try:
-        model = bm25s.BM25.load(str(index_dir), mmap=True, load_corpus=False)
-    except Exception as e:  # a half-written or foreign folder
-        raise ReSearchError(f"cannot load the bm25s index in {index_dir}: {e}") from e
-    corpus_file = Path(index_dir) / "passages.jsonl"
-    offsets = np.load(Path(index_dir) / "passage_offsets.npy", mmap_mode="r")
     n_docs = int(manifest["num_passages"])
-    fh = open(corpus_file, "rb")
+    try:
+        model = bm25s.BM25.load(str(index_dir), mmap=True, load_corpus=False, show_progress=False)
+        offsets = np.load(index_dir / "passage_offsets.npy", mmap_mode="r")
+        fd = os.open(index_dir / "passages.jsonl", os.O_RDONLY)
+    except (OSError, ValueError, KeyError) as e:  # a damaged or foreign folder
+        raise ReSearchError(f"cannot load the index in {index_dir}: {e}; rebuild it") from e
+    if len(offsets) != n_docs + 1 or int(model.scores["num_docs"]) != n_docs:
+        raise ReSearchError(f"{index_dir}: files disagree with manifest.json ({n_docs} passages); rebuild it")
+    vocab = model.vocab_dict
 
     def passage(i: int) -> dict:
-        fh.seek(int(offsets[i]))
-        row = json.loads(fh.readline())
-        return {"id": str(row["id"]), "contents": row["contents"]}
+        start, end = int(offsets[i]), int(offsets[i + 1])
+        row = json.loads(os.pread(fd, end - start, start))  # pread: no shared file position, thread safe
+        return {"id": row["id"], "contents": row["contents"]}
 
-    def search(queries: list[str], k: int) -> list[list[dict]]:
-        if k <= 0:
-            raise ReSearchError(f"top-k must be >= 1, got {k}")
+    def scored(queries: list[str], k: int) -> list[list[tuple[dict, float]]]:
+        _check_topk(k)
         queries = [str(q)[:MAX_QUERY_CHARS] for q in queries]
-        out: list[list[dict]] = [[] for _ in queries]
-        live = [i for i, q in enumerate(queries) if q.strip()]  # empty query -> no passages
-        if live:
-            toks = bm25_tokenize([queries[i] for i in live], manifest)
-            vocab = model.vocab_dict
-            # Queries made only of unknown words/stopwords score nothing: skip them, don't crash.
-            inv = {v: k_ for k_, v in toks.vocab.items()}
-            qtoks = [[inv[t] for t in ids if inv[t] in vocab] for ids in toks.ids]
+        out = []
+        for terms in bm25_tokenize(queries, manifest):
+            ids = [vocab[t] for t in terms if t in vocab]  # unknown words score nothing
+            if not ids:
+                out.append([])
+                continue
+            scores = model.get_scores_from_ids(ids)
             kk = min(k, n_docs)
-            for row, qt in zip(live, qtoks):
-                if not qt:
-                    continue
-                docs, scores = model.retrieve([qt], k=kk, show_progress=False, n_threads=1)
-                out[row] = [passage(int(d)) for d, s in zip(docs[0], scores[0]) if s > 0]
+            top = np.argpartition(-scores, kk - 1)[:kk]  # the k best, any of those tied at the k-th score
+            kth = scores[top].min()
+            if kth > 0:  # take every passage tied at the k-th score, so ties go by corpus order
+                top = np.union1d(top[scores[top] > kth], np.flatnonzero(scores == kth))
+            top = top[scores[top] > 0]  # a passage sharing no term with the query is no result
+            top = top[np.lexsort((top, -scores[top]))][:k]  # best first, ties by corpus order
+            out.append([(passage(int(i)), float(scores[i])) for i in top])
         return out
 
-    search.description = f"bm25s:{Path(index_dir).name} ({n_docs} passages)"  # type: ignore[attr-defined]
+    def search(queries: list[str], k: int) -> list[list[dict]]:
+        return [[p for p, _ in row] for row in scored(queries, k)]
+
+    search.scored = scored  # type: ignore[attr-defined]
+    search.description = f"bm25s:{index_dir} ({n_docs} passages)"  # type: ignore[attr-defined]
     search.manifest = manifest  # type: ignore[attr-defined]
     return search
 
 
 def http_retriever(url: str, timeout: float = 60.0, retries: int = 3) -> SearchFn:
-    """A client for a retrieval server. "http://host:port" speaks ReSearch's POST /batch_search
-    ({"query": [...], "top_n": k} -> [[{"id","contents"}]]); a URL ending in /retrieve speaks
-    Search-R1's ({"queries", "topk", "return_scores"} -> {"result": [[{"document": {...}}]]})."""
+    """A client for a retrieval server (01_build_index.py --serve, a FlashRAG/ReSearch server, or a
+    Search-R1 server). "http://host:port" speaks ReSearch's POST /batch_search ({"query": [...],
+    "top_n": k} -> [[{"id","contents"}]]); a URL ending in /retrieve speaks Search-R1's
+    ({"queries", "topk", "return_scores"} -> {"result": [[{"id","contents"} or {"document": {...}}]]}).
+    Connection failures and 5xx are retried with backoff; a 4xx is our fault and raises at once."""
     url = url.rstrip("/")
     search_r1 = url.endswith("/retrieve")
 
@@ -335,19 +385,27 @@ def http_retriever(url: str, timeout: float = 60.0, retries: int = 3) -> SearchF
                 last = e
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError) as e:
                 last = e
-            time.sleep(0.5 * 2**attempt)
+            if attempt + 1 < retries:
+                time.sleep(0.5 * 2**attempt)
         raise ReSearchError(f"retriever at {path} failed after {retries} tries: {last}")
 
+    def doc(d: dict) -> dict:
+        d = d.get("document", d)  # Search-R1 wraps documents when it returns scores
+        return {"id": str(d.get("id", "")), "contents": d["contents"]}
+
     def search(queries: list[str], k: int) -> list[list[dict]]:
-        if k <= 0:
-            raise ReSearchError(f"top-k must be >= 1, got {k}")
+        _check_topk(k)
         queries = [str(q)[:MAX_QUERY_CHARS] for q in queries]
+        if not queries:
+            return []
         if search_r1:
             res = post(url, {"queries": queries, "topk": k, "return_scores": False})["result"]
-            return [[{"id": str(d.get("document", d).get("id", "")),
-                      "contents": d.get("document", d)["contents"]} for d in row] for row in res]
-        res = post(url + "/batch_search", {"query": queries, "top_n": k})
-        return [[{"id": str(d.get("id", "")), "contents": d["contents"]} for d in row] for row in res]
+        else:
+            res = post(url + "/batch_search", {"query": queries, "top_n": k})
+        if not isinstance(res, list) or len(res) != len(queries):
+            raise ReSearchError(f"retriever at {url} answered {len(res) if isinstance(res, list) else res!r} "
+                                f"result lists for {len(queries)} queries")
+        return [[doc(d) for d in row] for row in res]
 
     search.description = f"http:{url}"  # type: ignore[attr-defined]
     return search
@@ -403,10 +461,21 @@ class Rollout:
     queries: list[str] = field(default_factory=list)
     ended_with_eos: bool = False
     done: bool = False
+    logprobs: list | None = None
+    """Sampling log-probabilities, one per completion id (None at retrieved ids), when the back end
+    reports them (vLLM; used by TRL's importance-sampling correction); None when it does not (HF)."""
 
     @property
     def num_searches(self) -> int:
         return len(self.queries)
+
+    @property
+    def num_model_tokens(self) -> int:
+        return sum(self.mask)
+
+    @property
+    def num_retrieved_tokens(self) -> int:
+        return len(self.mask) - sum(self.mask)
 
     def segments(self) -> list[tuple[list[int], int]]:
         """Consecutive runs of (ids, mask value)."""
@@ -430,11 +499,13 @@ def reward_text(rollout: Rollout, tokenizer) -> str:
     return "".join(parts)
 
 
-def _cut_new_tokens(new_ids: list[int], tokenizer, eos_ids: set[int]) -> tuple[list[int], str]:
+def _cut_new_tokens(new_ids: list[int], tokenizer, eos_ids: set[int], prefix: str = "") -> tuple[list[int], str]:
     """Trim one row's freshly generated ids at its first stop: EOS (kept, reason "eos") or the token
     that completes </search> (kept, reason "search"); otherwise all ids (reason "length").
-    Needed because generate pads finished rows, and SmolLM2's pad id equals its EOS id."""
-    text = ""
+    Needed because generate pads finished rows, and SmolLM2's pad id equals its EOS id.
+    prefix: the row's text just before these ids, when its turn began in an earlier call (a
+    </search> can straddle two calls)."""
+    text = prefix
     for i, t in enumerate(new_ids):
         if t in eos_ids:
             return new_ids[: i + 1], "eos"
@@ -445,31 +516,109 @@ def _cut_new_tokens(new_ids: list[int], tokenizer, eos_ids: set[int]) -> tuple[l
     return new_ids, "length"
 
 
+# generate(contexts, max_new_tokens) -> each row's new ids. A back end that knows the sampling
+# log-probabilities (vLLM) may return (new_ids, new_logprobs) instead; the loop keeps them aligned.
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
 
 
 def hf_generate_fn(model, tokenizer, do_sample: bool = False, temperature: float = 1.0,
-                   top_p: float = 1.0, top_k: int = 0) -> GenerateFn:
+                   top_p: float = 1.0, top_k: int = 0, generation_config=None,
+                   reuse_cache: bool = True) -> GenerateFn:
     """Batched Hugging Face generate for the rollout: left-pads the contexts, stops each row at EOS
-    or at the stop string </search>, returns each row's new ids (untrimmed; the loop trims)."""
+    or at the stop string </search>, returns each row's new ids (untrimmed; the loop trims).
+    generation_config: a transformers GenerationConfig to sample with instead of do_sample /
+    temperature / top_p / top_k (the GRPO trainer passes TRL's, so rollouts sample exactly as TRL's
+    own generate would).
+    reuse_cache: keep the KV cache from one call to the next. The search loop calls generate once per
+    turn with each row's context grown by what it generated (and a result block); the keys/values
+    already computed for a row's unchanged prefix are gathered from the previous call's cache, and
+    only the new tokens are prefilled. Without it every turn re-reads every context: on a CPU a
+    700-token context costs as much as ~100 decode steps. A context that extends no previous row is
+    simply computed afresh; sliding-window or static caches turn reuse off."""
+    import copy
+
+    import numpy as np
     import torch
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    last: dict = {}  # the previous call: its cache and, per row, the ids fed and their cache columns
+
+    def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+        n = min(len(a), len(b), limit)
+        diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+        return int(diff[0]) if len(diff) else n
+
+    def reusable(contexts: list[list[int]]) -> list[tuple[int, int]]:
+        """Per new row: (previous row, number of its leading ids whose keys/values are cached); (0, 0)
+        when none. Rows keep their order from call to call, so previous rows are scanned in order."""
+        if not last:
+            return [(0, 0)] * len(contexts)
+        rows, plan, j0 = last["rows"], [], 0
+        for c in contexts:
+            best = (0, 0)
+            for j in range(j0, len(rows)):
+                ids, n_cached = rows[j]["ids"], rows[j]["n_cached"]
+                n = common_prefix(c, ids, min(n_cached, len(c) - 1))  # keep >= 1 id to feed
+                if n > best[1]:
+                    best = (j, n)
+            plan.append(best)
+            if best[1]:
+                j0 = best[0] + 1
+        return plan
 
     def generate(contexts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        width = max(len(c) for c in contexts)
-        input_ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in contexts])
-        attention = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])
-        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                      stop_strings=[SEARCH_CLOSE], tokenizer=tokenizer)
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        else:  # real greedy: drop any sampling defaults from the model's generation_config
-            kwargs.update(temperature=None, top_p=None, top_k=None)
         device = next(model.parameters()).device
+        plan = reusable(contexts) if reuse_cache else [(0, 0)] * len(contexts)
+        width_cached = max(n for _, n in plan)
+        width_new = max(len(c) - n for c, (_, n) in zip(contexts, plan))
+        # Layout of each row: [holes | cached prefix] [holes | new ids]; holes have attention 0 and
+        # do not advance positions (transformers derives position ids from the attention mask).
+        ids, attention, cols = [], [], []
+        for c, (j, n) in zip(contexts, plan):
+            new = c[n:]
+            ids.append([pad_id] * (width_cached - n) + c[:n] + [pad_id] * (width_new - len(new)) + new)
+            attention.append([0] * (width_cached - n) + [1] * n + [0] * (width_new - len(new)) + [1] * len(new))
+            cols.append(list(range(width_cached - n, width_cached)) + list(range(width_cached + width_new - len(new),
+                                                                             width_cached + width_new)))
+        cache = DynamicCache(config=model.config) if reuse_cache else None
+        if width_cached:  # gather each row's cached prefix from the previous cache into the new layout
+            src = torch.tensor([j for j, _ in plan], device=device)
+            index = torch.zeros(len(contexts), width_cached, dtype=torch.long)
+            for i, (j, n) in enumerate(plan):
+                if n:
+                    index[i, width_cached - n:] = torch.tensor(last["rows"][j]["cols"][:n])
+            index = index.to(device)
+            for old, layer in zip(last["cache"].layers, cache.layers):
+                k, v = old.keys[src], old.values[src]  # (rows, heads, columns, head_dim)
+                layer.lazy_initialization(k, v)
+                layer.keys = torch.gather(k, 2, index[:, None, :, None].expand(-1, k.size(1), -1, k.size(3)))
+                layer.values = torch.gather(v, 2, index[:, None, :, None].expand(-1, v.size(1), -1, v.size(3)))
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                      stop_strings=[SEARCH_CLOSE], tokenizer=tokenizer)
+        if generation_config is not None:  # transformers wants these inside the config, not beside it
+            config = copy.deepcopy(generation_config)
+            config.update(max_new_tokens=max_new_tokens, pad_token_id=pad_id, stop_strings=[SEARCH_CLOSE])
+            kwargs = dict(generation_config=config, tokenizer=tokenizer)
+        elif do_sample:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+        else:  # real greedy: drop any sampling defaults from the model's generation_config
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        width = width_cached + width_new
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
-        return out[:, width:].tolist()
+            out = model.generate(input_ids=torch.tensor(ids, device=device),
+                                 attention_mask=torch.tensor(attention, device=device),
+                                 **({"cache": cache} if cache is not None else {}), **kwargs)
+        new_ids = out[:, width:].tolist()
+        last.clear()
+        if cache is not None and all(type(layer) is DynamicLayer for layer in cache.layers):
+            n_cached = cache.get_seq_length()  # columns with keys/values (the last sampled id has none)
+            last["cache"] = cache
+            last["rows"] = [{"ids": c + o, "cols": (col := cs + list(range(width, width + len(o)))),
+                             "n_cached": sum(1 for x in col if x < n_cached)}
+                            for c, o, cs in zip(contexts, new_ids, cols)]
+        return new_ids
 
     return generate
 
@@ -485,37 +634,63 @@ def eos_token_ids(tokenizer, model=None) -> set[int]:
 def search_rollout(prompt_ids: list[list[int]], generate: GenerateFn, search: SearchFn, tokenizer,
                    eos_ids: set[int], *, max_completion_length: int, topk: int = 5,
                    max_searches: int = 8, passage_max_words: int = 0,
-                   timings: dict | None = None) -> list[Rollout]:
+                   timings: dict | None = None, max_new_tokens_per_call: int = 0,
+                   any_rank_active: Callable[[bool], bool] | None = None) -> list[Rollout]:
     """ReSearch's rollout, batched. Every active row generates together; a row pauses when it emits
     </search>; the paused rows' queries go to the retriever in one call; their result blocks are
     appended and they resume together. A row ends at EOS or when its budget (max_completion_length,
     which counts retrieved tokens too) is spent. Past max_searches, a search gets a fixed block
-    saying the limit is reached (see limit_result_block) and no passages."""
+    saying the limit is reached (see limit_result_block) and no passages. An empty query (e.g.
+    "</search>" with no "<search>") is sent as "" and gets an empty block, here and in evaluation.
+    timings (optional dict) accumulates generate_s, retrieve_s and generate_calls.
+    max_new_tokens_per_call: if > 0, one generate call produces at most this many tokens per row; a
+    row cut there simply continues in the next call. Rows that paused for a search then wait at most
+    that long for the slowest row before they resume (0 = a call runs until every row stopped).
+    any_rank_active: the multi-process hook. Called once per turn with "this process still has
+    active rows", it returns whether any process has; a process whose rows are all done then makes
+    a one-token dummy generate call, so every rank makes the same number of generate calls
+    (ZeRO-3 parameter gathers and vLLM collectives need that). None = single process."""
     rows = [Rollout(prompt_ids=list(p)) for p in prompt_ids]
     timings = timings if timings is not None else {}
-    timings.setdefault("generate_s", 0.0)
-    timings.setdefault("retrieve_s", 0.0)
+    for key in ("generate_s", "retrieve_s", "generate_calls"):
+        timings.setdefault(key, 0)
     while True:
         active = [r for r in rows if not r.done]
+        if any_rank_active is not None and any_rank_active(bool(active)) and not active:
+            generate([rows[0].prompt_ids], 1)  # lock-step dummy call; its output is thrown away
+            timings["generate_calls"] += 1
+            continue
         if not active:
             return rows
         budget = max(max_completion_length - len(r.completion_ids) for r in active)
+        if max_new_tokens_per_call > 0:
+            budget = min(budget, max_new_tokens_per_call)
         t0 = time.perf_counter()
         outs = generate([r.prompt_ids + r.completion_ids for r in active], budget)
         timings["generate_s"] += time.perf_counter() - t0
+        timings["generate_calls"] += 1
+        outs, logprobs = outs if isinstance(outs, tuple) else (outs, None)
         paused: list[Rollout] = []
-        for r, new in zip(active, outs):
+        for i, (r, new) in enumerate(zip(active, outs)):
             room = max_completion_length - len(r.completion_ids)
-            new, reason = _cut_new_tokens(new[:room], tokenizer, eos_ids)
+            asked = min(room, budget)
+            # a row cut mid-turn by the previous call: its </search> may have begun there
+            prefix = tokenizer.decode(r.completion_ids[-8:]) if r.mask and r.mask[-1] else ""
+            new, reason = _cut_new_tokens(list(new[:room]), tokenizer, eos_ids, prefix[-len(SEARCH_CLOSE):])
             r.completion_ids += new
             r.mask += [1] * len(new)  # model tokens: trained
+            if logprobs is not None:
+                r.logprobs = (r.logprobs or []) + list(logprobs[i][: len(new)])
             if reason == "eos":
                 r.ended_with_eos, r.done = True, True
             elif reason == "search" and len(r.completion_ids) < max_completion_length:
-                r.queries.append(extract_query(tokenizer.decode(new, skip_special_tokens=True)))
+                turn_start = max((k + 1 for k, m in enumerate(r.mask) if m == 0), default=0)  # after the last block
+                r.queries.append(extract_query(tokenizer.decode(r.completion_ids[turn_start:],
+                                                                skip_special_tokens=True)))
                 paused.append(r)
-            else:  # budget spent
-                r.done = True
+            elif len(r.completion_ids) >= max_completion_length or len(new) < asked:
+                r.done = True  # budget spent (or the back end stopped the row for a reason of its own)
+            # else: the call's token limit cut the row mid-turn; it goes on in the next call
         if not paused:
             continue
         t0 = time.perf_counter()
@@ -532,6 +707,8 @@ def search_rollout(prompt_ids: list[list[int]], generate: GenerateFn, search: Se
             room = max_completion_length - len(r.completion_ids)
             r.completion_ids += block_ids[:room]
             r.mask += [0] * len(block_ids[:room])
+            if r.logprobs is not None:
+                r.logprobs += [None] * len(block_ids[:room])
             if len(block_ids) >= room:  # budget ran out inside (or right at the end of) the block
                 r.done = True
 

@@ -52,3 +52,34 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     return utils.load_model(tiny_model_dir, device="cpu")
+
+
+def load_build_index_module():
+    """01_build_index.py as a module (its name starts with a digit, so no plain import)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_index", ROOT / "01_build_index.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["build_index"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def mini_index(tmp_path_factory):
+    """Path of a bm25s index over data/mini/corpus.jsonl with the default settings: runs/index_mini
+    when its manifest matches the corpus sha256 and the default settings (read only, never
+    rebuilt here), else one built by 01_build_index.py into a temp folder (~5 s)."""
+    corpus = ROOT / "data" / "mini" / "corpus.jsonl"
+    existing = ROOT / "runs" / "index_mini"
+    build_index = load_build_index_module()
+    defaults = build_index.index_settings(build_index.IndexArguments(corpus=str(corpus)))
+    try:
+        manifest = utils.read_manifest(existing)
+        if manifest["corpus_sha256"] == utils.file_sha256(corpus) and all(
+                manifest.get(k) == v for k, v in defaults.items() if k != "bm25s_version"):
+            return str(existing)
+    except (utils.ReSearchError, KeyError):
+        pass
+    out = tmp_path_factory.mktemp("index") / "index_mini"
+    run_script("01_build_index.py", "--corpus", corpus, "--index_dir", out, timeout=300)
+    return str(out)
