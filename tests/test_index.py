@@ -229,6 +229,7 @@ def post(url, payload, raw=None):
 
 
 def test_server_both_apis_match_local_search(server, mini_index):
+    assert server.startswith("http://127.0.0.1:")  # loopback unless --host says otherwise
     local = utils.load_local_retriever(mini_index)
     queries = [QUESTION, "Ed Wood", ""]
     want = local.scored(queries, 3)
