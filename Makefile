@@ -22,9 +22,23 @@ $(MODEL)/config.json: $(VENV)/.installed
 demo: setup
 	$(PY) 01_build_index.py --corpus data/mini/corpus.jsonl --index_dir $(RUNS)/index_mini
 	$(PY) 01_build_index.py --index_dir $(RUNS)/index_mini --query "Were Scott Derrickson and Ed Wood of the same nationality?"
+	$(PY) 02_sft_warmup.py --config configs/sft_cpu.yaml --output_dir $(RUNS)/sft
+	$(PY) 03_grpo_search.py --config configs/grpo_cpu.yaml --model $(RUNS)/sft --output_dir $(RUNS)/grpo
+	$(PY) 03_grpo_search.py --plot $(RUNS)/grpo
+	$(PY) 04_eval.py --config configs/eval_cpu.yaml --model $(MODEL) --output_dir $(RUNS)/eval/before
+	$(PY) 04_eval.py --config configs/eval_cpu.yaml --model $(RUNS)/grpo --methods research --output_dir $(RUNS)/eval/after --overwrite
+	$(PY) 04_eval.py --config configs/eval_cpu.yaml --model $(RUNS)/grpo --question "Were Scott Derrickson and Ed Wood of the same nationality?"
+	@echo; echo "== before training (bundled model) =="; cat $(RUNS)/eval/before/results.md
+	@echo; echo "== after warm-up + GRPO =="; cat $(RUNS)/eval/after/results.md
 
 test: setup
 	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/bench_retrieval.py
+	$(PY) benchmarks/bench_server.py
+	$(PY) benchmarks/bench_grpo.py
+	$(PY) benchmarks/bench_eval.py
 
 clean:
 	rm -rf $(RUNS)

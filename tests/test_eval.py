@@ -251,7 +251,7 @@ def test_every_method_writes_its_row(tmp_path, scripted_model_dir, mini_index):
                "--batch_size", "2", "--output_dir", out)
     res = json.loads((out / "results.json").read_text())
     table = (out / "results.md").read_text()
-    assert res["header"]["corpus"] == "data/mini/corpus.jsonl" and res["header"]["topk"] == 3
+    assert res["header"]["corpus"].endswith("data/mini/corpus.jsonl") and res["header"]["topk"] == 3
     for m, row in ev.ROW_NAMES.items():
         recs = read_jsonl(out / m / "mini_hotpotqa_dev" / "predictions.jsonl")
         first3 = [json.loads(line)["id"] for line in open(ROOT / "data/mini/hotpotqa_dev.jsonl")][:3]
