@@ -1,0 +1,274 @@
+"""03_grpo_search.py: the search rollout through TRL's real GRPO loss (the retrieved-token mask), the
+Hugging Face back end with a real model, a two-step run with checkpoint, logs, trajectories, resume
+and curves, and the vLLM back end (GPU only, skipped here with the reason).
+
+A model that really searches: the conftest's tiny random Llama, taught in a few seconds (in this
+file) to answer one question at once and to search once for another, then answer."""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import utils
+from conftest import ROOT, run_script
+from test_rollout import word_search
+
+SEARCH_Q = "Q: Ed Wood's nationality?"
+DIRECT_Q = "Q: 2 + 2?"
+TURN1 = " <think> Look up. </think> <search> Ed Wood </search>"
+TURN2 = " <think> So. </think> <answer> \\boxed{American} </answer>"
+DIRECT = " <think> Easy. </think> <answer> \\boxed{4} </answer>"
+SEARCH_ARGS = utils.SearchArguments(retriever="(in-test word_search)", topk=1, max_searches=4)
+
+
+def enc(text, tok):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def scripted_completion(tok, prompt):
+    """The (ids, mask) the taught model produces for a prompt: its turns, the result block spliced in."""
+    if prompt == DIRECT_Q:
+        ids = enc(DIRECT, tok) + [tok.eos_token_id]
+        return ids, [1] * len(ids)
+    block = enc(utils.format_result_block(word_search()(["Ed Wood"], SEARCH_ARGS.topk)[0]), tok)
+    t1, t2 = enc(TURN1, tok), enc(TURN2, tok) + [tok.eos_token_id]
+    return t1 + block + t2, [1] * len(t1) + [0] * len(block) + [1] * len(t2)
+
+
+def load_script():
+    """03_grpo_search.py as a module (its name starts with a digit)."""
+    spec = importlib.util.spec_from_file_location("grpo_search", ROOT / "03_grpo_search.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["grpo_search"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def search_model_dir(tiny_model_dir, tokenizer, tmp_path_factory):
+    import transformers
+    tok = tokenizer
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [(enc(p, tok), scripted_completion(tok, p)[0]) for p in (SEARCH_Q, DIRECT_Q)]
+    width = max(len(p) + len(c) for p, c in rows)
+    ids = torch.tensor([p + c + [tok.eos_token_id] * (width - len(p) - len(c)) for p, c in rows])
+    labels = torch.tensor([[-100] * len(p) + c + [-100] * (width - len(p) - len(c)) for p, c in rows])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = model(input_ids=ids, labels=labels).loss
+        if loss.item() < 3e-3:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-2, f"the tiny model did not learn its script (loss {loss.item():.3f})"
+    out = tmp_path_factory.mktemp("search_model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("reuse_cache,per_call", [(True, 0), (False, 0), (True, 15), (True, 5)])
+def test_hf_backend_follows_the_script_token_for_token(search_model_dir, tokenizer, reuse_cache, per_call):
+    """Real Hugging Face generate: both rows generate together, the searching row stops at </search>
+    (stop string) while the other runs on to EOS and is padded; the ids are the model's own. The same
+    with the KV cache kept across calls, and with calls cut every few tokens (15 cuts " </search>"
+    after " </": the stop straddles two calls)."""
+    model = utils.load_model(search_model_dir, device="cpu")
+    calls = []
+    generate = utils.hf_generate_fn(model, tokenizer, do_sample=False, reuse_cache=reuse_cache)
+
+    def spy(contexts, n):
+        calls.append(len(contexts))
+        return generate(contexts, n)
+
+    rows = utils.search_rollout([enc(SEARCH_Q, tokenizer), enc(DIRECT_Q, tokenizer)], spy, word_search(), tokenizer,
+                                utils.eos_token_ids(tokenizer, model), max_completion_length=300,
+                                topk=SEARCH_ARGS.topk, max_new_tokens_per_call=per_call)
+    for r, q in zip(rows, (SEARCH_Q, DIRECT_Q)):
+        assert (r.completion_ids, r.mask) == scripted_completion(tokenizer, q)
+        assert r.ended_with_eos
+    assert rows[0].queries == ["Ed Wood"]
+    if per_call == 0:
+        assert calls == [2, 1]
+
+
+def test_hf_cache_reuse_changes_nothing_but_time(tiny_model, tokenizer):
+    """Greedy rollouts of the random tiny model, cut into many calls: identical ids with and without
+    the KV cache kept across calls (three prompts of different lengths: left padding and holes)."""
+    prompts = [enc(q, tokenizer) for q in ("Question: who?", DIRECT_Q, SEARCH_Q + " Think step by step, please.")]
+    out = {}
+    for reuse in (False, True):
+        generate = utils.hf_generate_fn(tiny_model, tokenizer, do_sample=False, reuse_cache=reuse)
+        rows = utils.search_rollout(prompts, generate, word_search(), tokenizer, {tokenizer.eos_token_id},
+                                    max_completion_length=40, topk=2, max_new_tokens_per_call=7)
+        out[reuse] = [r.completion_ids for r in rows]
+    assert out[True] == out[False] and all(len(ids) == 40 for ids in out[True])
+
+
+def make_trainer(grpo, model_dir, tokenizer, out_dir, **config):
+    import transformers
+    from datasets import Dataset
+    from trl import GRPOConfig
+    kw = dict(output_dir=str(out_dir), num_generations=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+              max_completion_length=300, beta=0.001, learning_rate=1e-5, bf16=False, gradient_checkpointing=False,
+              report_to="none", logging_steps=1, max_steps=1, save_strategy="no", disable_dropout=True, seed=0,
+              temperature=0.3)  # the taught model follows its script at this temperature
+    kw.update(config)
+    rows = [{"prompt": q, "golden_answers": [g], "question_id": str(i), "question": q}
+            for i, (q, g) in enumerate([(SEARCH_Q, "American"), (DIRECT_Q, "4")])]
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    return grpo.SearchGRPOTrainer(model=model, args=GRPOConfig(**kw), train_dataset=Dataset.from_list(rows),
+                                  processing_class=tokenizer, search=word_search(), search_args=SEARCH_ARGS,
+                                  trajectory_every=0)
+
+
+def test_retrieved_tokens_get_exactly_zero_gradient_through_trls_loss(search_model_dir, tokenizer, tmp_path):
+    grpo = load_script()
+    trainer = make_trainer(grpo, search_model_dir, tokenizer, tmp_path)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    inputs = trainer._prepare_inputs(batch)  # TRL: our rollout, the reward, advantages, reference log-probs
+
+    # the rollout reached TRL unchanged: ids and mask of every row, behind TRL's right padding
+    assert sorted(r.num_searches for r in trainer._rollouts) == [0, 0, 1, 1]
+    by_prompt = {tuple(r.prompt_ids): r for r in trainer._rollouts}
+    for i in range(inputs["completion_ids"].size(0)):
+        prompt = inputs["prompt_ids"][i][inputs["prompt_mask"][i].bool()].tolist()
+        ids, mask = scripted_completion(tokenizer, SEARCH_Q if prompt == enc(SEARCH_Q, tokenizer) else DIRECT_Q)
+        assert by_prompt[tuple(prompt)].completion_ids == ids
+        assert inputs["completion_ids"][i][: len(ids)].tolist() == ids
+        assert inputs["tool_mask"][i][: len(ids)].tolist() == mask
+        assert inputs["completion_mask"][i].sum().item() == len(ids)
+    assert [s["reward"] for s in trainer._scores] == [1.0] * 4
+    for key in ("search/f1", "search/format_ok", "search/searches_per_rollout", "search/retrieved_token_frac",
+                "time/generate_s", "time/retrieve_s"):
+        assert key in trainer._metrics["train"]
+
+    # Every reward is 1.0, so every advantage is 0: give the rows non-zero advantages to see the gradient.
+    inputs["advantages"] = torch.tensor([1.0, -0.5, 0.75, -1.25])
+    grads = {}
+    backbone = trainer.model.model  # TRL's fused head reads the backbone's last hidden state (after the norm)
+
+    def keep_grad(module, args, out):
+        out.register_hook(lambda g: grads.update(h=g))  # returns None: the output stays as it is
+
+    handle = backbone.norm.register_forward_hook(keep_grad)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop at each step; we call the loss directly
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    handle.remove()
+    P, C = inputs["prompt_ids"].size(1), inputs["completion_ids"].size(1)
+    # the hidden state at position P-1+j gives the logits of completion token j
+    per_token = grads["h"][:, P - 1 : P - 1 + C].abs().sum(-1)
+    real = inputs["completion_mask"].bool()
+    retrieved, own = real & (inputs["tool_mask"] == 0), real & (inputs["tool_mask"] == 1)
+    assert retrieved.sum() > 0 and own.sum() > 0
+    assert torch.all(per_token[retrieved] == 0), "a retrieved token leaked into the loss"
+    assert torch.all(per_token[own] > 0), "a model token got no gradient"
+    assert torch.all(per_token[~real] == 0)
+
+
+def test_two_step_run_writes_checkpoint_logs_trajectories_and_resumes(tiny_model_dir, mini_index, tmp_path):
+    out = tmp_path / "grpo"
+    cmd = ["03_grpo_search.py", "--config", "configs/grpo_cpu.yaml", "--model", tiny_model_dir, "--retriever",
+           mini_index, "--output_dir", out, "--max_steps", "2", "--save_steps", "1", "--max_completion_length", "32",
+           "--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+           "--trajectory_samples", "0", "--save_total_limit", "3"]
+    run_script(*cmd)
+    assert (out / "checkpoint-1").is_dir() and (out / "checkpoint-2").is_dir()
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()  # the final model
+    assert any((out / "tb").iterdir())  # TensorBoard events
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["model"] == tiny_model_dir and cfg["search"]["topk"] == 3 and "17247 passages" in cfg["retriever"]
+
+    def logged():
+        metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        traj = [json.loads(x) for x in (out / "trajectories.jsonl").read_text().splitlines()]
+        return [m["step"] for m in metrics if "reward" in m], [t["step"] for t in traj], traj
+
+    steps, traj_steps, traj = logged()
+    assert steps == [1, 2] and traj_steps == [1, 1, 2, 2]
+    for t in traj:
+        assert {"step", "prompt", "completion", "reward", "f1", "format_ok", "num_searches", "num_model_tokens",
+                "num_retrieved_tokens"} <= set(t)
+        assert t["num_model_tokens"] + t["num_retrieved_tokens"] <= 32
+
+    # Kill after step 2 was logged but before checkpoint-2 was written: the same command resumes from
+    # checkpoint-1, and the logs continue from step 1 instead of restarting or repeating step 2.
+    shutil.rmtree(out / "checkpoint-2")
+    p = run_script(*cmd)
+    assert "resuming from" in p.stdout and "checkpoint-1" in p.stdout
+    steps, traj_steps, _ = logged()
+    assert steps == [1, 2] and traj_steps == [1, 1, 2, 2]
+    assert (out / "checkpoint-2").is_dir() and (out / "config.json").is_file()
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "reward" in h] == [1, 2]
+
+    # the same folder with other search settings is not resumed silently
+    p = run_script(*cmd, "--topk", "5", check=False)
+    assert p.returncode == 2 and "--topk 3 -> 5" in p.stderr
+
+    # curves (the --plot command runs this function; its command line is tested below)
+    (out / "training_curves.png").unlink()
+    load_script().plot_run(str(out))
+    assert (out / "training_curves.png").stat().st_size > 10_000
+
+
+def test_bad_input_fails_clearly(tmp_path, tokenizer):
+    p = run_script("03_grpo_search.py", "--plot", tmp_path, check=False)
+    assert p.returncode == 2 and "metrics.jsonl" in p.stderr and "Traceback" not in p.stderr
+    grpo = load_script()
+    with pytest.raises(utils.ReSearchError, match="missing.jsonl"):
+        grpo.load_prompts(grpo.GRPOSearchArguments(train_data=str(tmp_path / "missing.jsonl")),
+                          utils.SearchArguments(), tokenizer)
+    with pytest.raises(utils.ReSearchError, match="max_prompt_length"):
+        grpo.load_prompts(grpo.GRPOSearchArguments(train_data=str(ROOT / "data/mini/train.jsonl"),
+                                                   max_prompt_length=10),
+                          utils.SearchArguments(), tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM (GPU). Real code paths: run them on a machine with a CUDA GPU and `pip install vllm`.
+# ---------------------------------------------------------------------------------------------
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM back end needs a CUDA GPU (none here)")
+
+
+def check_vllm_rollout(trainer, tokenizer):
+    out = trainer.search_rollout([SEARCH_Q, DIRECT_Q])
+    for q, ids, mask, logprobs in zip((SEARCH_Q, DIRECT_Q), out["completion_ids"], out["env_mask"], out["logprobs"]):
+        assert (ids, mask) == scripted_completion(tokenizer, q)  # same layout as the HF back end
+        assert len(logprobs) == len(ids) and all((lp is None) == (m == 0) for lp, m in zip(logprobs, mask))
+
+
+@needs_gpu
+def test_vllm_colocate_backend_same_layout(search_model_dir, tokenizer, tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    trainer = make_trainer(load_script(), search_model_dir, tokenizer, tmp_path, use_vllm=True, vllm_mode="colocate",
+                           vllm_gpu_memory_utilization=0.2, vllm_max_model_length=1024)
+    check_vllm_rollout(trainer, tokenizer)
+    trainer.train()  # one step: weight sync, importance-sampling correction with our log-probs
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="vLLM server mode needs 2 CUDA GPUs (server, trainer)")
+def test_vllm_server_backend_same_layout(search_model_dir, tokenizer, tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    port = 8765
+    server = subprocess.Popen([sys.executable, "-m", "trl.cli.main", "vllm-serve", "--model", search_model_dir,
+                               "--port", str(port), "--gpu_memory_utilization", "0.3", "--max_model_len", "1024"],
+                              env=dict(os.environ, CUDA_VISIBLE_DEVICES="1"), start_new_session=True)
+    try:
+        trainer = make_trainer(load_script(), search_model_dir, tokenizer, tmp_path, use_vllm=True,
+                               vllm_mode="server", vllm_server_base_url=f"http://127.0.0.1:{port}")
+        check_vllm_rollout(trainer, tokenizer)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
