@@ -718,10 +718,12 @@ def hf_generate_fn(model, tokenizer, do_sample: bool = False, temperature: float
 
     import numpy as np
     import torch
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StoppingCriteriaList, StopStringCriteria
     from transformers.cache_utils import DynamicLayer
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # built once: generate(stop_strings=...) rebuilds it from the whole vocabulary on every call (~0.1 s)
+    stop = StoppingCriteriaList([StopStringCriteria(tokenizer=tokenizer, stop_strings=[SEARCH_CLOSE])])
     last: dict = {}  # the previous call: its cache and, per row, the ids fed and their cache columns
 
     def common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -775,12 +777,11 @@ def hf_generate_fn(model, tokenizer, do_sample: bool = False, temperature: float
                 layer.keys = torch.gather(k, 2, index[:, None, :, None].expand(-1, k.size(1), -1, k.size(3)))
                 layer.values = torch.gather(v, 2, index[:, None, :, None].expand(-1, v.size(1), -1, v.size(3)))
         last.clear()  # the previous cache is no longer needed: free it before generating
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                      stop_strings=[SEARCH_CLOSE], tokenizer=tokenizer)
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, stopping_criteria=stop)
         if generation_config is not None:  # transformers wants these inside the config, not beside it
             config = copy.deepcopy(generation_config)
-            config.update(max_new_tokens=max_new_tokens, pad_token_id=pad_id, stop_strings=[SEARCH_CLOSE])
-            kwargs = dict(generation_config=config, tokenizer=tokenizer)
+            config.update(max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+            kwargs = dict(generation_config=config, stopping_criteria=stop)
         elif do_sample:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
         else:  # real greedy: drop any sampling defaults from the model's generation_config
