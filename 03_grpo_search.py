@@ -40,9 +40,15 @@ Commands
     python 03_grpo_search.py --config configs/grpo_cpu.yaml --model runs/sft
   One A100 80 GB, Qwen2.5-7B-Instruct + LoRA, vLLM colocate (memory arithmetic in the preset):
     python 03_grpo_search.py --config configs/grpo_a100.yaml --retriever http://127.0.0.1:8000
-  The paper's scale (64 GPUs; multi-process lock-step of the rollout: see utils.search_rollout's
-  any_rank_active hook):
-    accelerate launch --num_processes 8 03_grpo_search.py --config configs/grpo_paper.yaml
+  8 GPUs, full fine-tuning of Qwen2.5-7B with ZeRO-3 on 6 and a vLLM server on 2 (README "Scale-out";
+  start `trl vllm-serve` and the retrieval server first, commands in the preset):
+    accelerate launch --config_file configs/deepspeed_zero3.yaml --num_processes 6 03_grpo_search.py \\
+        --config configs/grpo_8gpu.yaml
+  The paper's scale, 64 GPUs: configs/grpo_paper.yaml. With several processes every rank's rollout
+  runs in lock-step (one generate call per turn on every rank: utils.search_rollout's any_rank_active).
+  CPU check of that path, two gloo processes:
+    accelerate launch --config_file configs/accelerate_ddp.yaml --num_processes 2 --mixed_precision no \\
+        03_grpo_search.py --config configs/grpo_cpu.yaml --use_cpu true --max_steps 2
   Curves (reward, searches per rollout, response length over steps) to <run>/training_curves.png:
     python 03_grpo_search.py --plot runs/grpo
 Resume: run the same command again; metrics.jsonl, trajectories.jsonl and TensorBoard drop what was
@@ -131,9 +137,6 @@ class SearchGRPOTrainer(GRPOTrainer):
         self._rollouts: list[utils.Rollout] = []  # the latest batch, for trajectories.jsonl
         self._scores: list[dict] = []             # their compute_reward() results
         self._rollout_s = self._step_s = 0.0      # for the train-time share of each step
-        # Multi-process hook of utils.search_rollout (issue 6): a function that gathers "this rank still
-        # has active rows" and returns "some rank has". None = single process.
-        self.any_rank_active = None
         args = kwargs["args"]
         if args.use_vllm:  # vLLM pauses a row at </search> and keeps the stop string in the output
             args.generation_kwargs = {**(args.generation_kwargs or {}), "stop": [utils.SEARCH_CLOSE],
@@ -142,9 +145,15 @@ class SearchGRPOTrainer(GRPOTrainer):
         # TRL's _generate calls rollout_func(prompts, trainer) instead of its single-turn generate
         # and keeps doing the rest (vLLM weight sync, decoding, length metrics, "env_mask" -> tool_mask).
         self.rollout_func = self.search_rollout
-        if self.accelerator.num_processes > 1 and self.any_rank_active is None:
-            print("warning: several processes without the rollout's lock-step hook: fine for DDP with HF "
-                  "generate, not for ZeRO-3 or vLLM (see utils.search_rollout any_rank_active)", file=sys.stderr)
+        # Several processes (accelerate launch): keep every rank's rollout in lock-step, one generate call
+        # per turn on every rank, because ZeRO-3 gathers parameters inside each forward and vLLM server /
+        # tensor-parallel generation gathers prompts: a rank that stopped calling would hang the others.
+        self.any_rank_active = self.any_rank_active_fn if self.accelerator.num_processes > 1 else None
+
+    def any_rank_active_fn(self, local: bool) -> bool:
+        """utils.search_rollout's lock-step hook: "this rank still has rows generating" -> "some rank has"."""
+        flags = self.accelerator.gather(torch.tensor([float(local)], device=self.accelerator.device))
+        return bool(flags.sum().item() > 0)
 
     # -- the rollout ------------------------------------------------------------------------------
     def search_rollout(self, prompts: list[str], trainer=None) -> dict:
@@ -164,6 +173,8 @@ class SearchGRPOTrainer(GRPOTrainer):
         self._rollouts = rollouts
         self._log_mean("time/generate_s", [timings["generate_s"]])
         self._log_mean("time/retrieve_s", [timings["retrieve_s"]])
+        if self.any_rank_active is not None:  # turns a rank spent waiting for the others (lock-step)
+            self._log_mean("search/idle_generate_calls", [timings["idle_calls"]])
         self._log_mean("search/searches_per_rollout", [r.num_searches for r in rollouts])
         self._log_mean("search/response_length", [len(r.completion_ids) for r in rollouts])
         self._log_mean("search/retrieved_token_frac", [r.num_retrieved_tokens for r in rollouts],
@@ -199,11 +210,18 @@ class SearchGRPOTrainer(GRPOTrainer):
         Each context (prompt + completion so far) is one prompt with one sample; returns the new ids and
         their sampling log-probs."""
         from trl.extras.profiling import profiling_context
-        vg = self.vllm_generation
+        vg, n = self.vllm_generation, len(contexts)
+        if self.accelerator.num_processes > 1:
+            # TRL's server mode (and colocate with tensor parallelism) gathers every rank's prompts, runs
+            # them with ONE max_tokens and hands rank r back rows [r*n, (r+1)*n): every rank must send the
+            # same number of contexts and budget. Pad with copies of the first context; drop their output.
+            sizes = self.accelerator.gather(torch.tensor([n, max_new_tokens], device=self.accelerator.device))
+            width, max_new_tokens = sizes.view(-1, 2).max(0).values.tolist()
+            contexts = contexts + [contexts[0]] * (width - n)
         vg.max_completion_length = max_new_tokens  # this turn's budget; the loop trims each row to its own
         _, ids, logprobs, _ = vg.generate(prompts=contexts, images=None, num_generations=1,
                                           profiler=profiling_context(self, "vLLM.generate"))
-        return [list(x) for x in ids], [[lp[0] for lp in seq] for seq in logprobs]
+        return [list(x) for x in ids][:n], [[lp[0] for lp in seq] for seq in logprobs][:n]
 
     # -- the reward --------------------------------------------------------------------------------
     def research_reward(self, prompts, completions, reward_text, ended_with_eos, golden_answers, **kwargs):
@@ -383,13 +401,27 @@ def write_json(path: Path, obj) -> None:
 
 def save_final_model(trainer, tok, out_dir: Path, merge_lora: bool) -> None:
     """The trained policy as a plain checkpoint in out_dir. Written to a temp folder first, then moved
-    in with config.json last, so a folder with a config.json always holds a complete model."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if merge_lora and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    tmp = out_dir / "final_model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    in with config.json last, so a folder with a config.json always holds a complete model. Called on
+    every process; only rank 0 writes."""
+    tmp, main_process = out_dir / "final_model.tmp", trainer.accelerator.is_main_process
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+        # ZeRO-3 shards every weight across the ranks: Trainer.save_model gathers them on all ranks
+        # (configs/deepspeed_zero3.yaml sets zero3_save_16bit_model) and rank 0 writes. A LoRA adapter is
+        # written as an adapter (merge it with peft before 04_eval.py).
+        if main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        trainer.save_model(str(tmp))
+        if not main_process:
+            return
+    else:
+        if not main_process:
+            return
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if merge_lora and hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
         os.replace(f, out_dir / f.name)
@@ -478,17 +510,20 @@ def main():
         return
 
     out_dir = Path(targs.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt, resumed_step = last_checkpoint(out_dir)
-    if ckpt:
-        check_same_run(out_dir, args, sargs, targs)
-    # A resumed run logs the steps after the checkpoint again: drop what the killed run logged for them.
-    for name in ("metrics.jsonl", "trajectories.jsonl"):
-        dropped = truncate_jsonl(out_dir / name, resumed_step)
-        if dropped:
-            print(f"{name}: dropped {dropped} lines logged after step {resumed_step}", flush=True)
-    if (out_dir / "config.json").exists():  # an older final model: about to be superseded
-        (out_dir / "config.json").unlink()
+    main_process = targs.process_index == 0  # several processes under accelerate launch: rank 0 writes files
+    with targs.main_process_first(desc="output folder"):  # the others read it after rank 0 tidied it
+        if main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt, resumed_step = last_checkpoint(out_dir)
+        if ckpt:
+            check_same_run(out_dir, args, sargs, targs)
+        # A resumed run logs the steps after the checkpoint again: drop what the killed run logged for them.
+        for name in ("metrics.jsonl", "trajectories.jsonl"):
+            dropped = truncate_jsonl(out_dir / name, resumed_step) if main_process else 0
+            if dropped:
+                print(f"{name}: dropped {dropped} lines logged after step {resumed_step}", flush=True)
+        if main_process and (out_dir / "config.json").exists():  # an older final model: about to be superseded
+            (out_dir / "config.json").unlink()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tb"))  # one folder across resumes
 
     model_name = utils.resolve_model(args.model)
@@ -496,18 +531,19 @@ def main():
     search = utils.load_retriever(sargs.retriever)
     dataset, too_long = load_prompts(args, sargs, tok)
     retriever_desc = getattr(search, "description", sargs.retriever)
-    print(f"model {model_name} | data {args.train_data} ({len(dataset)} questions, {too_long} prompts too long) | "
+    if main_process:
+        print(f"model {model_name} | data {args.train_data} ({len(dataset)} questions, {too_long} prompts too long) | "
           f"retriever {retriever_desc} | topk {sargs.topk} | passage_max_words {sargs.passage_max_words} | "
           f"max_searches {sargs.max_searches} | max_completion_length {targs.max_completion_length} | "
-          f"group {targs.num_generations} | backend {'vllm-' + targs.vllm_mode if targs.use_vllm else 'hf'}"
-          + (f" | resuming from {ckpt}" if ckpt else ""), flush=True)
-    manifest = getattr(search, "manifest", {})
-    write_json(out_dir / "run_config.json", {
-        "stage": "03_grpo_search", "model": model_name, "train_data": args.train_data, "split": args.train_split,
-        "num_questions": len(dataset), "dropped_long_prompts": too_long, "retriever": retriever_desc,
-        "corpus": {k: manifest.get(k) for k in ("corpus", "corpus_sha256", "num_passages") if k in manifest},
-        "search": asdict(sargs), "script": asdict(args), "grpo": targs.to_dict(), "resumed_from": ckpt,
-        "identity": run_identity(args, sargs, targs)})
+          f"group {targs.num_generations} | backend {'vllm-' + targs.vllm_mode if targs.use_vllm else 'hf'} | "
+          f"processes {targs.world_size}" + (f" | resuming from {ckpt}" if ckpt else ""), flush=True)
+        manifest = getattr(search, "manifest", {})
+        write_json(out_dir / "run_config.json", {
+            "stage": "03_grpo_search", "model": model_name, "train_data": args.train_data, "split": args.train_split,
+            "num_questions": len(dataset), "dropped_long_prompts": too_long, "retriever": retriever_desc,
+            "corpus": {k: manifest.get(k) for k in ("corpus", "corpus_sha256", "num_passages") if k in manifest},
+            "search": asdict(sargs), "script": asdict(args), "grpo": targs.to_dict(), "resumed_from": ckpt,
+            "processes": targs.world_size, "identity": run_identity(args, sargs, targs)})
 
     trainer = SearchGRPOTrainer(
         model=load_policy(args), args=targs, train_dataset=dataset, processing_class=tok,
@@ -524,8 +560,8 @@ def main():
 
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=ckpt)
-    if trainer.args.should_save:
-        save_final_model(trainer, tok, out_dir, args.merge_lora)
+    save_final_model(trainer, tok, out_dir, args.merge_lora)  # every rank calls it (ZeRO-3 gathers weights)
+    if main_process:
         plot = plot_run(str(out_dir)) if (out_dir / "metrics.jsonl").is_file() else None
         print(f"done in {time.perf_counter() - t0:.0f}s: model -> {out_dir} (use as --model), trajectories -> "
               f"{out_dir / 'trajectories.jsonl'}, curves -> {plot}", flush=True)

@@ -824,7 +824,8 @@ def search_rollout(prompt_ids: list[list[int]], generate: GenerateFn, search: Se
     which counts retrieved tokens too) is spent. Past max_searches, a search gets a fixed block
     saying the limit is reached (see limit_result_block) and no passages. An empty query (e.g.
     "</search>" with no "<search>") is sent as "" and gets an empty block, here and in evaluation.
-    timings (optional dict) accumulates generate_s, retrieve_s and generate_calls.
+    timings (optional dict) accumulates generate_s, retrieve_s, generate_calls and idle_calls (the
+    lock-step dummy calls below).
     max_new_tokens_per_call: if > 0, one generate call produces at most this many tokens per row; a
     row cut there simply continues in the next call. Rows that paused for a search then wait at most
     that long for the slowest row before they resume (0 = a call runs until every row stopped).
@@ -834,13 +835,14 @@ def search_rollout(prompt_ids: list[list[int]], generate: GenerateFn, search: Se
     (ZeRO-3 parameter gathers and vLLM collectives need that). None = single process."""
     rows = [Rollout(prompt_ids=list(p)) for p in prompt_ids]
     timings = timings if timings is not None else {}
-    for key in ("generate_s", "retrieve_s", "generate_calls"):
+    for key in ("generate_s", "retrieve_s", "generate_calls", "idle_calls"):
         timings.setdefault(key, 0)
     while True:
         active = [r for r in rows if not r.done]
         if any_rank_active is not None and any_rank_active(bool(active)) and not active:
             generate([rows[0].prompt_ids], 1)  # lock-step dummy call; its output is thrown away
             timings["generate_calls"] += 1
+            timings["idle_calls"] += 1
             continue
         if not active:
             if hasattr(generate, "release"):

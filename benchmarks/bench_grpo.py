@@ -211,6 +211,9 @@ def bench_train(args, results: dict) -> None:
         ours.train()
         mine = step_times(ours)[1:]
         length = int(statistics.median(longest[1:]))
+        del ours, rollout, recording_rollout  # free its policy, reference model and optimizer state first
+        import gc
+        gc.collect()
 
         def stock_reward(completions, golden_answers, **kw):
             return [utils.compute_reward(c, g, True)["reward"] for c, g in zip(completions, golden_answers)]

@@ -51,15 +51,10 @@ def load_script():
     return module
 
 
-@pytest.fixture(scope="module")
-def search_model_dir(tiny_model_dir, tokenizer, tmp_path_factory):
-    import transformers
-    tok = tokenizer
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    rows = [(enc(p, tok), scripted_completion(tok, p)[0]) for p in (SEARCH_Q, DIRECT_Q)]
+def teach(model, rows, pad_id=0):
+    """Fit the model to (prompt ids, completion ids) pairs until it reproduces them (loss < 3e-3)."""
     width = max(len(p) + len(c) for p, c in rows)
-    ids = torch.tensor([p + c + [tok.eos_token_id] * (width - len(p) - len(c)) for p, c in rows])
+    ids = torch.tensor([p + c + [pad_id] * (width - len(p) - len(c)) for p, c in rows])
     labels = torch.tensor([[-100] * len(p) + c + [-100] * (width - len(p) - len(c)) for p, c in rows])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(300):
@@ -70,6 +65,15 @@ def search_model_dir(tiny_model_dir, tokenizer, tmp_path_factory):
         loss.backward()
         opt.step()
     assert loss.item() < 1e-2, f"the tiny model did not learn its script (loss {loss.item():.3f})"
+
+
+@pytest.fixture(scope="module")
+def search_model_dir(tiny_model_dir, tokenizer, tmp_path_factory):
+    import transformers
+    tok = tokenizer
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    teach(model, [(enc(p, tok), scripted_completion(tok, p)[0]) for p in (SEARCH_Q, DIRECT_Q)], tok.eos_token_id)
     out = tmp_path_factory.mktemp("search_model")
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -221,6 +225,43 @@ def test_two_step_run_writes_checkpoint_logs_trajectories_and_resumes(tiny_model
     (out / "training_curves.png").unlink()
     load_script().plot_run(str(out))
     assert (out / "training_curves.png").stat().st_size > 10_000
+
+
+def test_two_process_run_keeps_ranks_in_lock_step(search_model_dir, tokenizer, mini_index, tmp_path):
+    """accelerate launch, two CPU processes over gloo, two GRPO steps on the mini index. The taught model,
+    taught again on the script's own chat prompts: rank 0 gets one question's group and rank 1 the
+    other's (TRL splits each generation batch [a, a, b, b] by process), so the rank that answers at once
+    is done after one generate call while the other searches and goes on; with the lock-step hook the
+    finished rank keeps making (one-token) calls until both are done, logged as idle calls."""
+    import transformers
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(search_model_dir)
+    pairs = [(utils.encode_prompt(utils.build_prompt(q, tokenizer), tokenizer), enc(c, tokenizer) + [tokenizer.eos_token_id])
+             for q, c in ((SEARCH_Q, TURN1), (DIRECT_Q, DIRECT))]  # turn 1 only: after the block it improvises
+    teach(model, pairs)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "question": q, "golden_answers": [g]}) + "\n"
+                            for i, (q, g) in enumerate([(SEARCH_Q, "American"), (DIRECT_Q, "4")])))
+    out = tmp_path / "grpo"
+    p = run_script("-m", "accelerate.commands.launch", "--config_file", "configs/accelerate_ddp.yaml",
+                   "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29517",
+                   "03_grpo_search.py", "--config", "configs/grpo_cpu.yaml", "--use_cpu", "true",
+                   "--model", tmp_path / "model", "--train_data", data, "--retriever", mini_index,
+                   "--output_dir", out, "--max_steps", "2", "--save_steps", "2", "--num_generations", "2",
+                   "--per_device_train_batch_size", "2", "--max_completion_length", "300", "--temperature", "0.3",
+                   "--max_new_tokens_per_call", "0", "--report_to", "none", timeout=600)
+    assert "processes 2" in p.stdout
+    assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-1").exists()
+    assert (out / "config.json").is_file()  # the final model, written by rank 0 only
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "reward" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    # every step one rank waited: mean over the two ranks of their idle calls >= 0.5
+    traj = [json.loads(x) for x in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert all(m["search/idle_generate_calls"] >= 0.5 for m in steps), [(t["question"], t["completion"]) for t in traj]
+    assert {t["question"] for t in traj} == {SEARCH_Q, DIRECT_Q}  # the main process writes both ranks' rows
 
 
 def test_bad_input_fails_clearly(tmp_path, tokenizer):
