@@ -700,6 +700,9 @@ def _cut_new_tokens(new_ids: list[int], tokenizer, eos_ids: set[int], prefix: st
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
 
 
+PREFILL_ALONE = 8  # hf_generate_fn: a row with more ids than this to prefill (besides its last) does so alone
+
+
 def hf_generate_fn(model, tokenizer, do_sample: bool = False, temperature: float = 1.0,
                    top_p: float = 1.0, top_k: int = 0, generation_config=None,
                    reuse_cache: bool = True) -> GenerateFn:
@@ -713,7 +716,9 @@ def hf_generate_fn(model, tokenizer, do_sample: bool = False, temperature: float
     already computed for a row's unchanged prefix are gathered from the previous call's cache, and
     only the new tokens are prefilled. Without it every turn re-reads every context: on a CPU a
     700-token context costs as much as ~100 decode steps. A context that extends no previous row is
-    simply computed afresh; sliding-window or static caches turn reuse off."""
+    simply computed afresh; sliding-window or static caches turn reuse off. Rows that resume with a
+    result block (more than PREFILL_ALONE new ids) prefill it in a forward of their own before the
+    batched call, so the other rows are not padded to the block's width."""
     import copy
 
     import numpy as np
@@ -753,16 +758,27 @@ def hf_generate_fn(model, tokenizer, do_sample: bool = False, temperature: float
         device = next(model.parameters()).device
         plan = reusable(contexts) if reuse_cache else [(0, 0)] * len(contexts)
         width_cached = max(n for _, n in plan)
-        width_new = max(len(c) - n for c, (_, n) in zip(contexts, plan))
-        # Layout of each row: [holes | cached prefix] [holes | new ids]; holes have attention 0 and
-        # do not advance positions (transformers derives position ids from the attention mask).
+        # A row resuming after a search brings a ~100-token result block; the others bring one id. Prefilled
+        # in the batched call, every row would be padded to the block's width (on a CPU one such call cost
+        # as much as 8 x 130 tokens however few rows had a block): the block rows prefill it first, alone.
+        pre = {i: c[n:-1] for i, (c, (_, n)) in enumerate(zip(contexts, plan)) if n and len(c) - n - 1 > PREFILL_ALONE}
+        width_pre = max((len(p) for p in pre.values()), default=0)
+        feed = [c[n + len(pre.get(i, [])):] for i, (c, (_, n)) in enumerate(zip(contexts, plan))]
+        width_new = max(len(f) for f in feed)
+        width = width_cached + width_pre + width_new
+        # Layout of each row: [holes | cached prefix] [holes | ids prefilled alone] [holes | ids fed to
+        # generate]; holes have attention 0 and do not advance positions (transformers derives position
+        # ids from the attention mask).
         ids, attention, cols = [], [], []
-        for c, (j, n) in zip(contexts, plan):
-            new = c[n:]
-            ids.append([pad_id] * (width_cached - n) + c[:n] + [pad_id] * (width_new - len(new)) + new)
-            attention.append([0] * (width_cached - n) + [1] * n + [0] * (width_new - len(new)) + [1] * len(new))
-            cols.append(list(range(width_cached - n, width_cached)) + list(range(width_cached + width_new - len(new),
-                                                                             width_cached + width_new)))
+        for i, (c, (j, n)) in enumerate(zip(contexts, plan)):
+            p, new = pre.get(i, []), feed[i]
+            ids.append([pad_id] * (width_cached - n) + c[:n] + [pad_id] * (width_pre - len(p)) + p
+                       + [pad_id] * (width_new - len(new)) + new)
+            attention.append([0] * (width_cached - n) + [1] * n + [0] * (width_pre - len(p)) + [1] * len(p)
+                             + [0] * (width_new - len(new)) + [1] * len(new))
+            cols.append(list(range(width_cached - n, width_cached))
+                        + list(range(width_cached + width_pre - len(p), width_cached + width_pre))
+                        + list(range(width - len(new), width)))
         cache = DynamicCache(config=model.config) if reuse_cache else None
         if width_cached:  # gather each row's cached prefix from the previous cache into the new layout
             src = torch.tensor([j for j, _ in plan], device=device)
@@ -777,6 +793,26 @@ def hf_generate_fn(model, tokenizer, do_sample: bool = False, temperature: float
                 layer.keys = torch.gather(k, 2, index[:, None, :, None].expand(-1, k.size(1), -1, k.size(3)))
                 layer.values = torch.gather(v, 2, index[:, None, :, None].expand(-1, v.size(1), -1, v.size(3)))
         last.clear()  # the previous cache is no longer needed: free it before generating
+        if pre:  # the block rows' forward of their own, on their rows of the cache; then back into the batch
+            rows = torch.tensor(sorted(pre), device=device)
+            sub = DynamicCache(config=model.config)
+            for full, part in zip(cache.layers, sub.layers):
+                part.lazy_initialization(full.keys[rows], full.values[rows])
+                part.keys, part.values = full.keys[rows], full.values[rows]
+            mask = torch.tensor([attention[i][:width_cached + width_pre] for i in sorted(pre)], device=device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, width_cached:]
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ids[i][width_cached:width_cached + width_pre] for i in sorted(pre)],
+                                             device=device),
+                      attention_mask=mask, position_ids=positions, cache=sub, use_cache=True,
+                      logits_to_keep=1)  # only the cache is wanted: skip the LM head over the block
+            for full, part in zip(cache.layers, sub.layers):  # other rows: width_pre hole columns (attention 0)
+                for name in ("keys", "values"):
+                    old, new = getattr(full, name), getattr(part, name)
+                    grown = old.new_zeros(old.size(0), old.size(1), width_cached + width_pre, old.size(3))
+                    grown[:, :, :width_cached] = old
+                    grown[rows] = new
+                    setattr(full, name, grown)
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, stopping_criteria=stop)
         if generation_config is not None:  # transformers wants these inside the config, not beside it
             config = copy.deepcopy(generation_config)
@@ -786,7 +822,6 @@ def hf_generate_fn(model, tokenizer, do_sample: bool = False, temperature: float
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
         else:  # real greedy: drop any sampling defaults from the model's generation_config
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        width = width_cached + width_new
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor(ids, device=device),
                                  attention_mask=torch.tensor(attention, device=device),

@@ -118,6 +118,29 @@ def test_hf_cache_reuse_changes_nothing_but_time(tiny_model, tokenizer):
     assert out[True] == out[False] and all(len(ids) == 40 for ids in out[True])
 
 
+@pytest.mark.parametrize("per_call", [0, 5])
+def test_result_blocks_prefilled_alone_change_nothing(search_model_dir, tokenizer, monkeypatch, per_call):
+    """Rows resuming after a result block prefill it in a forward of their own (utils.PREFILL_ALONE),
+    not padded inside the batched call: the taught model's rollouts (one row searches, one answers at
+    once; calls whole or cut every 5 tokens) follow its script token for token whether blocks are
+    prefilled alone (threshold 0: every row with two or more new ids), by the default rule, or never.
+    (Off its script the tiny model's logits are near ties, and a different batch shape can flip them.)"""
+    model = utils.load_model(search_model_dir, device="cpu")
+    prompts = [enc(q, tokenizer) for q in (SEARCH_Q, DIRECT_Q)]
+    out, forwards = {}, {}
+    model.register_forward_pre_hook(lambda *a: forwards.__setitem__(alone, forwards.get(alone, 0) + 1))
+    for alone in (10**9, 0, utils.PREFILL_ALONE):
+        monkeypatch.setattr(utils, "PREFILL_ALONE", alone)
+        generate = utils.hf_generate_fn(model, tokenizer, do_sample=False)
+        rows = utils.search_rollout(prompts, generate, word_search(), tokenizer, utils.eos_token_ids(tokenizer, model),
+                                    max_completion_length=300, topk=SEARCH_ARGS.topk, max_new_tokens_per_call=per_call)
+        out[alone] = [(r.completion_ids, r.mask) for r in rows]
+        monkeypatch.undo()
+    for alone in out:
+        assert out[alone] == [scripted_completion(tokenizer, q) for q in (SEARCH_Q, DIRECT_Q)], alone
+    # the forwards of their own happened: one per call that resumed rows after a block
+    assert forwards[0] > forwards[10**9] and forwards[utils.PREFILL_ALONE] > forwards[10**9], forwards
+
 def make_trainer(grpo, model_dir, tokenizer, out_dir, **config):
     import transformers
     from datasets import Dataset
