@@ -235,6 +235,19 @@ def parse_passage(line: bytes, where: str, fallback_id: int) -> tuple[str, str]:
     return str(pid), contents
 
 
+def store_passages(corpus: Path, sha, progress, f_pass, offsets: array):
+    """Yield each passage's contents, in corpus order, after writing it as {"id", "contents"} to
+    passages.jsonl (f_pass) and its byte offset to offsets: both index kinds store passages this way."""
+    for lineno, line in corpus_lines(corpus, sha, progress):
+        if not line.strip():
+            continue  # blank lines (a trailing newline, say) are not passages
+        pid, contents = parse_passage(line, f"{corpus}:{lineno}", len(offsets) - 1)
+        rec = json.dumps({"id": pid, "contents": contents}, ensure_ascii=False).encode() + b"\n"
+        f_pass.write(rec)
+        offsets.append(offsets[-1] + len(rec))
+        yield contents
+
+
 # ---------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------
@@ -283,13 +296,7 @@ def build(args: IndexArguments, settings: dict, out: Path) -> dict:
     bar = tqdm(total=corpus.stat().st_size, unit="B", unit_scale=True, desc=f"index {corpus.name}",
                mininterval=1.0, file=sys.stderr)
     with f_pass, f_terms, f_tf, bar:
-        for lineno, line in corpus_lines(corpus, sha, bar):
-            if not line.strip():
-                continue  # blank lines (a trailing newline, say) are not passages
-            pid, contents = parse_passage(line, f"{corpus}:{lineno}", len(offsets) - 1)
-            rec = json.dumps({"id": pid, "contents": contents}, ensure_ascii=False).encode() + b"\n"
-            f_pass.write(rec)
-            offsets.append(offsets[-1] + len(rec))
+        for contents in store_passages(corpus, sha, bar, f_pass, offsets):
             texts.append(contents)
             if len(texts) >= args.chunk_passages:
                 flush()
@@ -415,13 +422,7 @@ def build_dense(args: IndexArguments, settings: dict, out: Path) -> dict:
     bar = tqdm(total=corpus.stat().st_size, unit="B", unit_scale=True, desc=f"encode {corpus.name}",
                mininterval=1.0, file=sys.stderr)
     with open(out / "passages.jsonl", "wb") as f_pass, bar:
-        for lineno, line in corpus_lines(corpus, sha, bar):
-            if not line.strip():
-                continue
-            pid, contents = parse_passage(line, f"{corpus}:{lineno}", len(offsets) - 1)
-            rec = json.dumps({"id": pid, "contents": contents}, ensure_ascii=False).encode() + b"\n"
-            f_pass.write(rec)
-            offsets.append(offsets[-1] + len(rec))
+        for contents in store_passages(corpus, sha, bar, f_pass, offsets):
             texts.append(contents)
             if len(texts) >= args.chunk_passages:
                 flush()

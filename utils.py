@@ -794,15 +794,16 @@ def hf_generate_fn(model, tokenizer, do_sample: bool = False, temperature: float
                 layer.values = torch.gather(v, 2, index[:, None, :, None].expand(-1, v.size(1), -1, v.size(3)))
         last.clear()  # the previous cache is no longer needed: free it before generating
         if pre:  # the block rows' forward of their own, on their rows of the cache; then back into the batch
-            rows = torch.tensor(sorted(pre), device=device)
+            order = list(pre)  # row indices, ascending (pre was built in row order)
+            rows = torch.tensor(order, device=device)
             sub = DynamicCache(config=model.config)
             for full, part in zip(cache.layers, sub.layers):
                 part.lazy_initialization(full.keys[rows], full.values[rows])
                 part.keys, part.values = full.keys[rows], full.values[rows]
-            mask = torch.tensor([attention[i][:width_cached + width_pre] for i in sorted(pre)], device=device)
+            mask = torch.tensor([attention[i][:width_cached + width_pre] for i in order], device=device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, width_cached:]
             with torch.no_grad():
-                model(input_ids=torch.tensor([ids[i][width_cached:width_cached + width_pre] for i in sorted(pre)],
+                model(input_ids=torch.tensor([ids[i][width_cached:width_cached + width_pre] for i in order],
                                              device=device),
                       attention_mask=mask, position_ids=positions, cache=sub, use_cache=True,
                       logits_to_keep=1)  # only the cache is wanted: skip the LM head over the block

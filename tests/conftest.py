@@ -54,14 +54,18 @@ def tiny_model(tiny_model_dir):
     return utils.load_model(tiny_model_dir, device="cpu")
 
 
-def load_build_index_module():
-    """01_build_index.py as a module (its name starts with a digit, so no plain import)."""
+def load_stage(filename: str, name: str):
+    """A numbered script as a module (its name starts with a digit, so no plain import)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("build_index", ROOT / "01_build_index.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / filename)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["build_index"] = module  # dataclasses look their module up there
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def load_build_index_module():
+    return load_stage("01_build_index.py", "build_index")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ HotpotQA question (one search, then \\boxed{yes}), (2) the naive-generation answ
 France question, and (3) the judge's JSON verdict "correct" for that answer. The random tiny model
 gives garbage, i.e. a malformed judge reply."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,14 +19,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, load_stage, run_script
 
 import utils
 
-spec = importlib.util.spec_from_file_location("eval04", ROOT / "04_eval.py")
-ev = importlib.util.module_from_spec(spec)
-sys.modules["eval04"] = ev
-spec.loader.exec_module(ev)
+ev = load_stage("04_eval.py", "eval04")
 
 CPU = ["--topk", "3", "--passage_max_words", "30", "--max_searches", "4", "--max_completion_length", "256"]
 # Tiny models gain nothing from a second thread, and on a busy 2-core machine two OpenMP threads per

@@ -5,7 +5,6 @@ and curves, and the vLLM back end (GPU only, skipped here with the reason).
 A model that really searches: the conftest's tiny random Llama, taught in a few seconds (in this
 file) to answer one question at once and to search once for another, then answer."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 import utils
-from conftest import ROOT, run_script
+from conftest import ROOT, load_stage, run_script
 from test_rollout import word_search
 
 SEARCH_Q = "Q: Ed Wood's nationality?"
@@ -43,12 +42,7 @@ def scripted_completion(tok, prompt):
 
 
 def load_script():
-    """03_grpo_search.py as a module (its name starts with a digit)."""
-    spec = importlib.util.spec_from_file_location("grpo_search", ROOT / "03_grpo_search.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["grpo_search"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_stage("03_grpo_search.py", "grpo_search")
 
 
 def teach(model, rows, pad_id=0):

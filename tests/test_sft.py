@@ -2,24 +2,19 @@
 mask, score reward 1.0, unretrieved hops and bad rows are dropped with counts, and training on them
 lowers the loss and writes a checkpoint the other stages can load."""
 
-import importlib.util
 import json
 import re
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, load_stage, run_script
 
 import utils
 
-spec = importlib.util.spec_from_file_location("sft_warmup", ROOT / "02_sft_warmup.py")
-sft = importlib.util.module_from_spec(spec)
-sys.modules["sft_warmup"] = sft  # dataclasses look their module up there
-spec.loader.exec_module(sft)
+sft = load_stage("02_sft_warmup.py", "sft_warmup")
 
 TRAIN = utils.read_jsonl(ROOT / "data" / "mini" / "train.jsonl")
 # 2 HotpotQA bridge rows, MuSiQue 2-hop rows and a 4-hop row with #1/#2/#3 references.
