@@ -1,64 +1,31 @@
-"""Stage 3: GRPO that teaches a model to search (ReSearch, Chen et al. 2025).
+"""Stage 3: GRPO that teaches a model to search (ReSearch, Chen et al. 2025): TRL's GRPOTrainer with one
+change, the rollout. One step, in the order this file runs it:
+  1. TRL draws questions, each repeated --num_generations times (a group), from load_prompts' rows.
+  2. Rollout (search_rollout -> utils.search_rollout): the policy writes until </search>, the query goes to
+     the retriever, " <result>\n...\n</result>" is spliced in as token ids with mask 0, generation resumes,
+     until EOS or --max_completion_length (result blocks count).
+  3. Reward (research_reward -> utils.compute_reward, on the model's own text): 0 for a bad format or no
+     EOS, else the answer's F1, or 0.1 if only the answer is wrong.
+  4. Loss: TRL's ("What TRL computes for us" below), our mask as its tool_mask: retrieved tokens stay in
+     the context and get no gradient.
 
-For every training question the policy samples a group of --num_generations rollouts. A rollout is
-the model's own text with Wikipedia result blocks spliced in: generation pauses at </search>, the
-query goes to the retriever, " <result>\\n...\\n</result>" is appended as token ids, generation resumes
-(utils.search_rollout: the same loop the warm-up and the evaluation run). The reward is
-utils.compute_reward on the model's own text (utils.reward_text: result contents blanked): 0 for a bad
-format or no EOS, else answer F1, or 0.1 when the format is right and the answer wrong. The loss is
-TRL's GRPO with the retrieved tokens masked out of the policy-gradient term, the KL and the entropy;
-they stay in the context the model attends to.
+Reads --model (e.g. runs/sft from 02), --train_data, --retriever. Writes --output_dir (runs/grpo), touched
+only once everything has loaded: checkpoint-N/ (the same command again resumes), the final policy (LoRA
+merged; 04's --model), run_config.json, metrics.jsonl (a line per step), trajectories.jsonl (sampled
+rollouts with ids and mask runs; the main process's rows) and at the end trajectories.html, the same
+rollouts token by token (extras/view_trajectories.py).
 
-SearchGRPOTrainer(GRPOTrainer) changes only the rollout. TRL's _generate calls self.rollout_func
-when one is set; we set it to our search loop, whose mask becomes TRL's tool_mask, so TRL's
-loss_mask = completion_mask * tool_mask. Advantages (group-normalised), clipping, the KL (TRL's is the
-k3 estimator, the paper's "low_var_kl"), checkpoints and logging are TRL's own.
-
-Generation back ends, one flag (TRL's own): --use_vllm false = Hugging Face generate on the policy
-(CPU or GPU, inside TRL's unwrap_model_for_generation); --use_vllm true = vLLM (GPU), --vllm_mode
-colocate (same GPU) or server (`trl vllm-serve --model M` on other GPUs), with stop "</search>" kept
-in the output; a paused row continues by resubmitting prompt + completion ids. Same token layout and
-mask either way. vLLM also returns sampling log-probs for TRL's importance-sampling correction. The HF
-back end keeps its KV cache across the rollout's turns (only result blocks are prefilled), and
---max_new_tokens_per_call bounds how long rows paused at </search> wait for the slowest row.
-
-Reads:  --model (hub id or local checkpoint, e.g. runs/sft from 02_sft_warmup.py), --train_data
-        (FlashRAG jsonl, or "musique" etc. from the hub), --retriever (index folder or server URL).
-Writes: --output_dir (default runs/grpo):
-        checkpoint-N/        every --save_steps; running the same command again resumes from the last
-        config.json, model.safetensors, tokenizer files   the final policy (LoRA merged), usable as
-                             --model by 04_eval.py; written last, config.json last of all
-        run_config.json      model, data, retriever, top-k, every setting
-        metrics.jsonl        one line per logging step (reward, F1, format rate, searches, lengths,
-                             retrieved-token fraction, time split generate / retrieve / train)
-        trajectories.jsonl   sample rollouts every --trajectory_every steps
-        tb/                  TensorBoard events (--report_to tensorboard; wandb works too)
-        training_curves.png  at the end, and by --plot
-
-Commands
-  CPU, bundled SmolLM2-135M-Instruct after the warm-up, mini-Wikipedia (~5 min on 2 cores):
+CPU, the bundled SmolLM2-135M-Instruct after the warm-up, mini-Wikipedia (~5 min on 2 cores):
     python 03_grpo_search.py --config configs/grpo_cpu.yaml --model runs/sft
-  One A100 80 GB, Qwen2.5-7B-Instruct + LoRA, vLLM colocate (memory arithmetic in the preset):
+One A100 80 GB, Qwen2.5-7B-Instruct + LoRA, vLLM colocated (memory arithmetic in the preset):
     python 03_grpo_search.py --config configs/grpo_a100.yaml --retriever http://127.0.0.1:8000
-  8 GPUs, full fine-tuning of Qwen2.5-7B with ZeRO-3 on 6 and a vLLM server on 2 (README "Scale-out";
-  start `trl vllm-serve` and the retrieval server first, commands in the preset):
-    accelerate launch --config_file configs/deepspeed_zero3.yaml --num_processes 6 03_grpo_search.py \\
-        --config configs/grpo_8gpu.yaml
-  The paper's scale, 64 GPUs: configs/grpo_paper.yaml. With several processes every rank's rollout
-  runs in lock-step (one generate call per turn on every rank: utils.search_rollout's any_rank_active).
-  CPU check of that path, two gloo processes:
-    accelerate launch --config_file configs/accelerate_ddp.yaml --num_processes 2 --mixed_precision no \\
-        03_grpo_search.py --config configs/grpo_cpu.yaml --use_cpu true --max_steps 2
-  Curves (reward, searches per rollout, response length over steps) to <run>/training_curves.png:
-    python 03_grpo_search.py --plot runs/grpo
-Resume: run the same command again; metrics.jsonl, trajectories.jsonl and TensorBoard drop what was
-logged after the checkpoint and continue from it (other model, data or search settings: refused).
-To start over, delete --output_dir or pick another.
+Several GPUs: README "Scale-out".
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -68,175 +35,176 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
 import utils
 
 
-# ---------------------------------------------------------------------------------------------
-# Arguments. Every GRPOConfig field is a flag too (--learning_rate, --num_generations, --beta, ...);
-# main() sets the paper's values as their defaults.
-# ---------------------------------------------------------------------------------------------
+# ---- Arguments (and every GRPOConfig field: --learning_rate, --num_generations, --beta, ...) ----
 @dataclass
 class GRPOSearchArguments:
     model: str = utils.DEFAULT_MODEL
-    """Policy to train: a hub id or a local checkpoint (runs/sft after the warm-up; default: the
-    bundled SmolLM2-135M-Instruct)."""
+    """The policy: a hub id or a checkpoint (runs/sft after the warm-up)."""
     train_data: str = "musique"
-    """Training questions: a FlashRAG jsonl (data/mini/train.jsonl on the CPU), or a FlashRAG dataset
-    name loaded from the hub (musique = the paper's training set, 19,938 questions; needs internet)."""
+    """A FlashRAG jsonl (data/mini/train.jsonl on a CPU), or a hub name (musique: the paper's; internet)."""
     train_split: str = "train"
-    """Split to load when --train_data is a hub dataset name."""
+    """Split of a hub --train_data."""
     max_train_questions: int = 0
-    """Use only the first N questions (0 = all)."""
+    """The first N questions only (0 = all)."""
     max_prompt_length: int = 512
-    """Questions whose prompt is longer than this many tokens are dropped and counted (paper: 512)."""
+    """Drop (and count) questions whose prompt is longer (paper: 512)."""
     dtype: str = "auto"
-    """Weights dtype: auto = float32 on the CPU (bf16 there is ~4x slower); on a GPU bfloat16 for a
-    frozen LoRA base, float32 master weights for full fine-tuning (with --bf16 autocast: a 1e-6 step
-    vanishes in bf16 weights)."""
+    """auto: float32 on a CPU; on a GPU bf16 for a LoRA base, fp32 for full fine-tuning (bf16 autocast)."""
     use_lora: bool = False
-    """Train a LoRA adapter instead of all weights; the reference policy is then the base model with
-    the adapter disabled (no second copy in memory)."""
+    """Train a LoRA adapter (dropout 0); the reference is then the base, adapter off."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
     """LoRA alpha."""
-    lora_dropout: float = 0.05
-    """LoRA dropout."""
     lora_target_modules: str = "all-linear"
-    """Modules that get adapters: "all-linear" or a comma-separated list (e.g. q_proj,v_proj)."""
+    """"all-linear" or a comma-separated list (e.g. q_proj,v_proj)."""
     merge_lora: bool = True
-    """Save the final model with the adapter merged in (a plain checkpoint for 04_eval.py)."""
-    max_new_tokens_per_call: int = 0
-    """Rollout scheduling: one generate call makes at most this many tokens per row, so rows that
-    paused at </search> wait at most this long for the slowest row (0 = until every row stopped).
-    Only the timing changes, never what is sampled."""
+    """Save the final model with the adapter merged in."""
     trajectory_every: int = 1
-    """Append sample rollouts to <output_dir>/trajectories.jsonl at step 1 and every N steps (0 = never)."""
+    """Log sample rollouts to trajectories.jsonl at step 1 and every N steps (0 = never)."""
     trajectory_samples: int = 16
-    """Rollouts written per sampled step, whole groups first (0 = the whole generation batch)."""
-    plot: str = ""
-    """Instead of training: draw the curves of this run folder (its metrics.jsonl) to
-    <folder>/training_curves.png and exit."""
+    """Rollouts logged per such step (0 = all)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# The trainer: TRL's GRPO with the search rollout
-# ---------------------------------------------------------------------------------------------
+# The paper's GRPO (research-reference.md "Training"; the reference's train.sh), set where TRL 1.16's
+# default differs or is worth stating. Presets (--config) and flags override them.
+PAPER_GRPO = dict(
+    num_generations=5, per_device_train_batch_size=5,  # group size 5 (TRL: 8); one question per device-step
+    learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0,  # constant 1e-6 (TRL: linear decay)
+    beta=0.001,  # KL loss coefficient (TRL: 0, no KL and no reference model)
+    use_bias_correction_kl=False,  # veRL's low_var_kl is plain k3; TRL multiplies it by the (differentiable) ratio
+    vllm_importance_sampling_correction=False,  # the paper has none; TRL's sequence_mask would zero long rollouts
+    loss_type="dapo",  # token mean over the batch = veRL's token-mean (TRL's default too)
+    scale_rewards="group",  # (r - group mean) / group std, as veRL's GRPO advantage (TRL's default too)
+    disable_dropout=True,  # no dropout noise in the policy ratio (TRL: False)
+    epsilon=0.2, temperature=1.0, top_p=1.0, top_k=0,  # PPO clip 0.2; plain sampling
+    max_completion_length=8192, num_train_epochs=2,  # the response budget counts retrieved tokens
+    gradient_checkpointing=True, bf16=torch.cuda.is_available(),  # fp32 on a CPU: bf16 is ~4x slower there
+    output_dir="runs/grpo", logging_steps=1, save_steps=10, report_to="tensorboard",
+)
+
+# What TRL computes for us (trl 1.16, trainer/grpo_trainer.py), once search_rollout has returned:
+#  _generate_and_score_completions():
+#    r_i = research_reward(...); per group of G rollouts of a question, A_i = (r_i - mean r) / (std r + 1e-4)
+#    loss_mask = completion_mask * tool_mask (our "env_mask": 0 on retrieved tokens)
+#    ref_logp_t: the reference model's log-probs (with LoRA: the base, adapter off)
+#  _compute_loss(), per completion token t:
+#    ratio_t = exp(logp_t - old_logp_t)       old = logp.detach(): one update per rollout batch
+#    pg_t    = -min(ratio_t * A, clip(ratio_t, 1 - epsilon, 1 + epsilon) * A)
+#    kl_t    = exp(ref_logp_t - logp_t) - (ref_logp_t - logp_t) - 1        k3 = veRL's "low_var_kl"
+#    loss    = sum_t loss_mask_t * (pg_t + beta * kl_t) / sum_t loss_mask_t   "dapo": token mean
+#    logged: kl, entropy, clip ratios over loss_mask tokens; frac_reward_zero_std (groups of equal rewards)
+# To change the loss, override _compute_loss: its inputs hold "advantages", "tool_mask", "ref_per_token_logps".
+
+
+# ---- 1. Data: one row per question, its prompt rendered as every stage renders it ----
+def load_prompts(args: GRPOSearchArguments, sargs: utils.SearchArguments, tok):
+    from datasets import Dataset
+    questions = utils.load_questions(args.train_data, split=args.train_split, limit=args.max_train_questions or None)
+    rows = []
+    for q in questions:
+        prompt = utils.build_prompt(q["question"], tok, sargs.prompt_template)
+        if len(utils.encode(prompt, tok)) <= args.max_prompt_length:
+            rows.append({"prompt": prompt, "golden_answers": q["golden_answers"], "question_id": q["id"],
+                         "question": q["question"]})
+    if not rows:
+        raise utils.ReSearchError(f"--train_data {args.train_data}: no question fits --max_prompt_length "
+                                  f"{args.max_prompt_length}")
+    return Dataset.from_list(rows), len(questions) - len(rows)
+
+
 class SearchGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose completions are ReSearch rollouts (see the module docstring)."""
-
-    def __init__(self, *, search: utils.SearchFn, search_args: utils.SearchArguments,
-                 trajectory_every: int = 1, trajectory_samples: int = 16, max_new_tokens_per_call: int = 0,
-                 **kwargs):
+    def __init__(self, *, search: utils.SearchFn, search_args: utils.SearchArguments, trajectory_every: int = 1,
+                 trajectory_samples: int = 16, **kwargs):
         self.search_fn, self.search_args = search, search_args
-        self.max_new_tokens_per_call = max_new_tokens_per_call
         self.trajectory_every, self.trajectory_samples = trajectory_every, trajectory_samples
-        self._rollouts: list[utils.Rollout] = []  # the latest batch, for trajectories.jsonl
-        self._scores: list[dict] = []             # their compute_reward() results
-        self._rollout_s = self._step_s = 0.0      # for the train-time share of each step
-        args = kwargs["args"]
-        if args.use_vllm:  # vLLM pauses a row at </search> and keeps the stop string in the output
-            args.generation_kwargs = {**(args.generation_kwargs or {}), "stop": [utils.SEARCH_CLOSE],
-                                      "include_stop_str_in_output": True}
+        self._rollouts: list[utils.Rollout] = []  # the latest batch, and its compute_reward() results
+        self._scores: list[dict] = []
+        self._rollout_s = self._step_s = 0.0  # to log the train part of each step
+        if kwargs["args"].use_vllm:  # vLLM pauses a row at </search> and keeps it in the output
+            kwargs["args"].generation_kwargs = {**(kwargs["args"].generation_kwargs or {}),
+                                                "stop": [utils.SEARCH_CLOSE], "include_stop_str_in_output": True}
         super().__init__(reward_funcs=[self.research_reward], **kwargs)
-        # TRL's _generate calls rollout_func(prompts, trainer) instead of its single-turn generate
-        # and keeps doing the rest (vLLM weight sync, decoding, length metrics, "env_mask" -> tool_mask).
+        # TRL's _generate calls rollout_func(prompts, trainer) instead of its single-turn generate, and does
+        # the rest itself (vLLM weight sync, decoding, length metrics; "env_mask" becomes tool_mask).
         self.rollout_func = self.search_rollout
-        # Several processes (accelerate launch): keep every rank's rollout in lock-step, one generate call
-        # per turn on every rank, because ZeRO-3 gathers parameters inside each forward and vLLM server /
-        # tensor-parallel generation gathers prompts: a rank that stopped calling would hang the others.
-        self.any_rank_active = self.any_rank_active_fn if self.accelerator.num_processes > 1 else None
 
-    def any_rank_active_fn(self, local: bool) -> bool:
-        """utils.search_rollout's lock-step hook: "this rank still has rows generating" -> "some rank has"."""
-        flags = self.accelerator.gather(torch.tensor([float(local)], device=self.accelerator.device))
-        return bool(flags.sum().item() > 0)
-
-    # -- the rollout ------------------------------------------------------------------------------
+    # ---- 2. The rollout ----
     def search_rollout(self, prompts: list[str], trainer=None) -> dict:
-        """TRL's rollout_func. prompts = the rendered prompt texts, each already repeated
-        --num_generations times by TRL's sampler: one rollout per row, in order."""
-        tok = self.processing_class
-        prompt_ids = [utils.encode_prompt(p, tok) for p in prompts]
-        s, timings = self.search_args, {}
+        """TRL's rollout_func: the prompts, each already repeated --num_generations times."""
+        tok, s, timer = self.processing_class, self.search_args, {"generate_s": 0.0, "retrieve_s": 0.0, "idle": 0}
+
+        def timed(fn, key):
+            def call(*a):
+                t0 = time.perf_counter()
+                out = fn(*a)
+                timer[key] += time.perf_counter() - t0
+                return out
+            return call
+
+        def any_rank_active(local: bool) -> bool:  # several processes: every rank's generate calls in step
+            flags = self.accelerator.gather(torch.tensor([float(local)], device=self.accelerator.device))
+            timer["idle"] += int(not local and flags.sum().item() > 0)
+            return flags.sum().item() > 0
+
         t0 = time.perf_counter()
         with self.generation_backend() as generate:
             rollouts = utils.search_rollout(
-                prompt_ids, generate, self.search_fn, tok, set(self.eos_token_ids),
+                [utils.encode(p, tok) for p in prompts], timed(generate, "generate_s"),
+                timed(self.search_fn, "retrieve_s"), tok, set(self.eos_token_ids),
                 max_completion_length=self.max_completion_length, topk=s.topk, max_searches=s.max_searches,
-                passage_max_words=s.passage_max_words, timings=timings,
-                max_new_tokens_per_call=self.max_new_tokens_per_call, any_rank_active=self.any_rank_active)
+                passage_max_words=s.passage_max_words, max_new_tokens_per_call=s.max_new_tokens_per_call,
+                any_rank_active=any_rank_active if self.accelerator.num_processes > 1 else None)
         self._rollout_s += time.perf_counter() - t0
         self._rollouts = rollouts
-        self._log_mean("time/generate_s", [timings["generate_s"]])
-        self._log_mean("time/retrieve_s", [timings["retrieve_s"]])
-        if self.any_rank_active is not None:  # turns a rank spent waiting for the others (lock-step)
-            self._log_mean("search/idle_generate_calls", [timings["idle_calls"]])
+        for key in ("generate_s", "retrieve_s"):
+            self._log_mean(f"time/{key}", [timer[key]])
+        if self.accelerator.num_processes > 1:
+            self._log_mean("search/idle_generate_calls", [timer["idle"]])
         self._log_mean("search/searches_per_rollout", [r.num_searches for r in rollouts])
         self._log_mean("search/response_length", [len(r.completion_ids) for r in rollouts])
-        self._log_mean("search/retrieved_token_frac", [r.num_retrieved_tokens for r in rollouts],
-                       count=sum(len(r.completion_ids) for r in rollouts))
-        return {
-            "prompt_ids": [r.prompt_ids for r in rollouts],
-            "completion_ids": [r.completion_ids for r in rollouts],
-            "logprobs": [r.logprobs for r in rollouts] if self.use_vllm else None,
-            "env_mask": [r.mask for r in rollouts],  # 1 = model token, 0 = retrieved (no loss, still attended)
-            # any other key reaches the reward function as a keyword argument, one value per row
-            "reward_text": [utils.reward_text(r, tok) for r in rollouts],
-            "ended_with_eos": [r.ended_with_eos for r in rollouts],
-        }
+        self._log_mean("search/retrieved_token_frac", [r.mask.count(0) for r in rollouts],
+                       count=sum(len(r.mask) for r in rollouts))
+        return {"prompt_ids": [r.prompt_ids for r in rollouts],
+                "completion_ids": [r.completion_ids for r in rollouts],
+                "logprobs": [r.logprobs for r in rollouts] if self.use_vllm else None,
+                "env_mask": [r.mask for r in rollouts],  # -> TRL's tool_mask: 0 = retrieved, no loss
+                # every other key reaches the reward function as a keyword argument, one value per row
+                "reward_text": [utils.reward_text(r, tok) for r in rollouts],
+                "ended_with_eos": [r.ended_with_eos for r in rollouts]}
 
     @contextlib.contextmanager
     def generation_backend(self):
-        """Yields the rollout's generate function (a utils.GenerateFn)."""
+        """vLLM (extras/vllm_rollout.py), or Hugging Face generate on the policy as TRL's own path runs it:
+        unwrapped, ZeRO-3 weights gathered, checkpointing off, TRL's sampling config."""
         if self.use_vllm:
-            yield self.vllm_generate
+            yield importlib.import_module("extras.vllm_rollout").generate_fn(self)
             return
         from trl.models import unwrap_model_for_generation
-        # As TRL's own generate path: unwrapped (DDP/ZeRO-3 gathered), gradient checkpointing off,
-        # TRL's generation config (temperature, top_p, top_k, eos ids, ...) in force.
         with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                           gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                                           generation_kwargs=self.generation_kwargs,
                                           gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
               as model, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False)):
-            yield utils.hf_generate_fn(model, self.processing_class, generation_config=self.generation_config)
+            yield utils.hf_generate_fn(model, self.processing_class, self.generation_config,
+                                       fast=self.search_args.fast_rollout)
 
-    def vllm_generate(self, contexts: list[list[int]], max_new_tokens: int):
-        """utils.GenerateFn over TRL's vLLM engine (colocate: in this process; server: its client).
-        Each context (prompt + completion so far) is one prompt with one sample; returns the new ids and
-        their sampling log-probs."""
-        from trl.extras.profiling import profiling_context
-        vg, n = self.vllm_generation, len(contexts)
-        if self.accelerator.num_processes > 1:
-            # TRL's server mode (and colocate with tensor parallelism) gathers every rank's prompts, runs
-            # them with ONE max_tokens and hands rank r back rows [r*n, (r+1)*n): every rank must send the
-            # same number of contexts and budget. Pad with copies of the first context; drop their output.
-            sizes = self.accelerator.gather(torch.tensor([n, max_new_tokens], device=self.accelerator.device))
-            width, max_new_tokens = sizes.view(-1, 2).max(0).values.tolist()
-            contexts = contexts + [contexts[0]] * (width - n)
-        vg.max_completion_length = max_new_tokens  # this turn's budget; the loop trims each row to its own
-        _, ids, logprobs, _ = vg.generate(prompts=contexts, images=None, num_generations=1,
-                                          profiler=profiling_context(self, "vLLM.generate"))
-        return [list(x) for x in ids][:n], [[lp[0] for lp in seq] for seq in logprobs][:n]
-
-    # -- the reward --------------------------------------------------------------------------------
+    # ---- 3. The reward ----
     def research_reward(self, prompts, completions, reward_text, ended_with_eos, golden_answers, **kwargs):
-        """ReSearch's reward on the model's own text (completions include the result blocks, so they are
-        not read). Keeps the details for the metrics and trajectories.jsonl."""
+        """On the model's own text (TRL's `completions` include the result blocks: not read)."""
         self._scores = [utils.compute_reward(t, g, e) for t, g, e in zip(reward_text, golden_answers, ended_with_eos)]
-        self._log_mean("search/f1", [s["f1"] for s in self._scores])
-        self._log_mean("search/em", [s["em"] for s in self._scores])
-        self._log_mean("search/format_ok", [s["format_ok"] for s in self._scores])
+        for key in ("f1", "em", "format_ok"):
+            self._log_mean(f"search/{key}", [s[key] for s in self._scores])
         return [s["reward"] for s in self._scores]
 
-    # -- logging -----------------------------------------------------------------------------------
+    # ---- Logging ----
     def _log_mean(self, name: str, values: list, count: int | None = None):
-        """Append sum(values) / count over all processes (count defaults to len(values)) to TRL's metrics,
-        which averages them again over each logging window."""
+        """sum(values) / count over all processes, to TRL's metrics."""
         local = torch.tensor([float(sum(values)), float(len(values) if count is None else count)],
                              device=self.accelerator.device)
         total, n = self.accelerator.gather(local).view(-1, 2).sum(0).tolist()
@@ -244,24 +212,23 @@ class SearchGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        step = self.state.global_step + 1  # the optimizer step these rollouts are for
-        every = self.trajectory_every
+        step, every = self.state.global_step + 1, self.trajectory_every  # the step these rollouts are for
         if self.model.training and every and (step == 1 or step % every == 0) and self.accelerator.is_main_process:
-            self._write_trajectories(step, inputs, out["advantages"].tolist())
+            self.write_trajectories(step, inputs, out["advantages"].tolist())
         return out
 
-    def _write_trajectories(self, step: int, inputs: list[dict], advantages: list[float]):
-        tok, n = self.processing_class, self.trajectory_samples or len(self._rollouts)
-        lines = []
+    def write_trajectories(self, step: int, inputs: list[dict], advantages: list[float]):
+        """This process's rows (the main process's share under several)."""
+        tok, n, lines = self.processing_class, self.trajectory_samples or len(self._rollouts), []
         for r, s, x, adv in list(zip(self._rollouts, self._scores, inputs, advantages))[:n]:
             lines.append(json.dumps({
-                "step": step, "question_id": x.get("question_id"), "question": x.get("question"),
-                "golden_answers": x["golden_answers"], "prompt": x["prompt"],
+                "step": step, "question_id": x["question_id"], "question": x["question"],
+                "golden_answers": x["golden_answers"], "reward": s["reward"], "f1": s["f1"], "em": s["em"],
+                "format_ok": s["format_ok"], "prediction": s["prediction"], "advantage": adv,
+                "ended_with_eos": r.ended_with_eos, "queries": r.queries, "num_searches": r.num_searches,
                 "completion": tok.decode(r.completion_ids, skip_special_tokens=True),
-                "reward": s["reward"], "f1": s["f1"], "em": s["em"], "format_ok": s["format_ok"],
-                "prediction": s["prediction"], "ended_with_eos": r.ended_with_eos, "advantage": adv,
-                "num_searches": r.num_searches, "queries": r.queries, "num_model_tokens": r.num_model_tokens,
-                "num_retrieved_tokens": r.num_retrieved_tokens}, ensure_ascii=False))
+                "completion_ids": r.completion_ids, "mask_runs": [[m, len(ids)] for ids, m in r.segments()]},
+                ensure_ascii=False))
         with open(Path(self.args.output_dir) / "trajectories.jsonl", "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -270,301 +237,112 @@ class SearchGRPOTrainer(GRPOTrainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_s += time.perf_counter() - t0
         if self._step % self.current_gradient_accumulation_steps == 0:  # TRL's own step-boundary test
-            # train = everything in the step but the rollout: reference/old log-probs, reward, fwd + bwd
+            # the train part: reference log-probs, reward, forward + backward, optimizer (all but the rollout)
             self._metrics["train"]["time/train_s"].append(self._step_s - self._rollout_s)
             self._step_s = self._rollout_s = 0.0
         return loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        super().log(logs, start_time)  # TRL adds its averaged metrics to logs, then HF logs them
-        if not self.accelerator.is_main_process:
-            return
-        row = {"step": self.state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
-        with open(Path(self.args.output_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        if "reward" in logs:
-            tqdm.write(summary_line(row, self.state.max_steps), file=sys.stderr)  # above the progress bar
+        super().log(logs, start_time)  # TRL adds its averaged metrics to logs first
+        if self.accelerator.is_main_process:
+            row = {"step": self.state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            with open(Path(self.args.output_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            if "reward" in logs:
+                print(summary_line(row, self.state.max_steps), file=sys.stderr, flush=True)
 
 
 def summary_line(m: dict, max_steps: int) -> str:
     g = lambda k, fmt="{:.2f}": fmt.format(m[k]) if isinstance(m.get(k), (int, float)) else "-"  # noqa: E731
     return (f"step {m['step']}/{max_steps} | reward {g('reward')} ± {g('reward_std')} | F1 {g('search/f1')} | "
-            f"format ok {g('search/format_ok')} | searches {g('search/searches_per_rollout')} | "
-            f"length {g('completions/mean_length', '{:.0f}')} model + retrieved -> "
-            f"{g('search/response_length', '{:.0f}')} | "
-            f"time generate {g('time/generate_s', '{:.0f}')}s retrieve {g('time/retrieve_s', '{:.1f}')}s "
-            f"train {g('time/train_s', '{:.0f}')}s")
+            f"format {g('search/format_ok')} | searches {g('search/searches_per_rollout')} | equal-reward groups "
+            f"{g('frac_reward_zero_std')} | KL {g('kl', '{:.4f}')} | tokens {g('search/response_length', '{:.0f}')}"
+            f" | s: generate {g('time/generate_s', '{:.0f}')} train {g('time/train_s', '{:.0f}')}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Data, model, outputs
-# ---------------------------------------------------------------------------------------------
-def load_prompts(args: GRPOSearchArguments, sargs: utils.SearchArguments, tok):
-    """The training set: one row per question with the rendered prompt (chat template or base prompt,
-    as in every stage) and its gold answers."""
-    from datasets import Dataset
-    questions = utils.load_questions(args.train_data, split=args.train_split, limit=args.max_train_questions or None)
-    rows, too_long = [], 0
-    for q in questions:
-        prompt = utils.build_prompt(q["question"], tok, sargs.prompt_template)
-        if len(utils.encode_prompt(prompt, tok)) > args.max_prompt_length:
-            too_long += 1
-            continue
-        rows.append({"prompt": prompt, "golden_answers": q["golden_answers"], "question_id": q["id"],
-                     "question": q["question"]})
-    if not rows:
-        raise utils.ReSearchError(f"--train_data {args.train_data}: no question fits --max_prompt_length "
-                                  f"{args.max_prompt_length}")
-    return Dataset.from_list(rows), too_long
-
-
-def load_policy(args: GRPOSearchArguments):
-    import transformers
-    if args.dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_available() and args.use_lora else "float32"
-    else:
-        dtype = args.dtype
-    try:
-        return transformers.AutoModelForCausalLM.from_pretrained(utils.resolve_model(args.model),
-                                                                 dtype=getattr(torch, dtype))
-    except (OSError, AttributeError) as e:
-        raise utils.ReSearchError(f"cannot load --model {args.model!r} as {dtype}: {e}") from e
-
-
+# ---- Model, resume, outputs ----
 def lora_config(args: GRPOSearchArguments):
     if not args.use_lora:
         return None
     from peft import LoraConfig
     targets = args.lora_target_modules
-    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
 
 
-def last_checkpoint(out_dir: Path) -> tuple[str | None, int]:
-    """The newest checkpoint-N in out_dir and the step it was saved at (None, 0 when there is none)."""
+def check_output_dir(out_dir: Path, args) -> tuple[str | None, int]:
+    """Refuse an output folder that is the input model; the checkpoint to resume from and its step."""
     from transformers.trainer_utils import get_last_checkpoint
+    if Path(args.model).exists() and out_dir.resolve() == Path(args.model).resolve():
+        raise utils.ReSearchError(f"--output_dir {out_dir} is the --model being trained: training would "
+                                  "overwrite it; pick another --output_dir")
     ckpt = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
-    if ckpt is None:
-        return None, 0
-    state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
-    return ckpt, int(state["global_step"])
-
-
-RUN_IDENTITY = ("model", "train_data", "retriever", "topk", "passage_max_words", "max_searches", "prompt_template",
-                "max_completion_length", "num_generations")
-
-
-def run_identity(args, sargs, targs) -> dict:
-    """The settings a resumed run must share with the run it resumes."""
-    merged = {**asdict(args), **asdict(sargs), "max_completion_length": targs.max_completion_length,
-              "num_generations": targs.num_generations}
-    return {k: merged[k] for k in RUN_IDENTITY}
-
-
-def check_same_run(out_dir: Path, args, sargs, targs) -> None:
-    """Refuse to resume a checkpoint written with another model, data or search settings."""
-    path = out_dir / "run_config.json"
-    if not path.is_file():
-        return
-    before = json.loads(path.read_text()).get("identity", {})
-    now = run_identity(args, sargs, targs)
-    diff = [f"--{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]
-    if diff:
-        raise utils.ReSearchError(f"--output_dir {out_dir} holds a run with other settings ({'; '.join(diff)}); "
-                                  "running the same command again resumes it: pick another --output_dir or delete it")
-
-
-def truncate_jsonl(path: Path, max_step: int) -> int:
-    """Drop the lines logged after step max_step (a resumed run logs them again); returns how many."""
-    if not path.is_file():
-        return 0
-    lines = path.read_text(encoding="utf-8").splitlines()
-
-    def step_of(line: str) -> float:
-        try:
-            return json.loads(line).get("step", 0)
-        except json.JSONDecodeError:  # a line torn by the kill
-            return float("inf")
-
-    keep = [ln for ln in lines if ln.strip() and step_of(ln) <= max_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-    os.replace(tmp, path)
-    return len(lines) - len(keep)
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    return ckpt, int(json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]) if ckpt else 0
 
 
 def save_final_model(trainer, tok, out_dir: Path, merge_lora: bool) -> None:
-    """The trained policy as a plain checkpoint in out_dir. Written to a temp folder first, then moved
-    in with config.json last, so a folder with a config.json always holds a complete model. Called on
-    every process; only rank 0 writes."""
+    """The policy as a plain checkpoint, moved in with config.json last (a folder with a config.json holds a
+    complete model). Every process calls it; rank 0 writes."""
     tmp, main_process = out_dir / "final_model.tmp", trainer.accelerator.is_main_process
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     if trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
-        # ZeRO-3 shards every weight across the ranks: Trainer.save_model gathers them on all ranks
-        # (configs/deepspeed_zero3.yaml sets zero3_save_16bit_model) and rank 0 writes. A LoRA adapter is
-        # written as an adapter (merge it with peft before 04_eval.py).
-        if main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        trainer.save_model(str(tmp))
-        if not main_process:
-            return
-    else:
-        if not main_process:
-            return
+        trainer.save_model(str(tmp))  # gathers ZeRO-3's shards on all ranks; a LoRA adapter stays an adapter
+    elif main_process:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if merge_lora and hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
+        model = model.merge_and_unload() if merge_lora and hasattr(model, "merge_and_unload") else model
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-        os.replace(f, out_dir / f.name)
-    tmp.rmdir()
+    if main_process:
+        tok.save_pretrained(tmp)
+        for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            os.replace(f, out_dir / f.name)
+        tmp.rmdir()
 
 
-# ---------------------------------------------------------------------------------------------
-# Curves
-# ---------------------------------------------------------------------------------------------
-def plot_run(run_dir: str) -> Path:
-    """Reward (with F1 and the format-valid rate), searches per rollout, response length and the time
-    split over training steps, from <run_dir>/metrics.jsonl, to <run_dir>/training_curves.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise utils.ReSearchError(f"--plot {run_dir}: no metrics.jsonl there (is it a 03_grpo_search.py output_dir?)")
-    rows = [r for r in utils.read_jsonl(path) if "reward" in r]
-    if not rows:
-        raise utils.ReSearchError(f"{path}: no training steps logged yet")
-    cfg_path = Path(run_dir) / "run_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    x = [r["step"] for r in rows]
-    col = lambda k: [r.get(k, float("nan")) for r in rows]  # noqa: E731
-
-    fig, ax = plt.subplots(2, 2, figsize=(12, 7.5))
-    mean, std = col("reward"), col("reward_std")
-    ax[0, 0].plot(x, mean, "o-", label="reward (mean)")
-    ax[0, 0].fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2,
-                          label="± std")
-    ax[0, 0].plot(x, col("search/f1"), "s--", label="answer F1")
-    ax[0, 0].plot(x, col("search/format_ok"), "^:", label="format valid + EOS")
-    ax[0, 0].set_title("Reward")
-    ax[0, 1].plot(x, col("search/searches_per_rollout"), "o-")
-    ax[0, 1].set_title("Search calls per rollout")
-    ax[1, 0].plot(x, col("completions/mean_length"), "o-", label="model tokens")
-    ax[1, 0].plot(x, col("search/response_length"), "s--", label="model + retrieved tokens")
-    ax[1, 0].set_title("Response length (tokens)")
-    ax[1, 1].stackplot(x, col("time/generate_s"), col("time/retrieve_s"), col("time/train_s"),
-                       labels=["generate", "retrieve", "train"])
-    ax[1, 1].set_title("Time per step (s)")
-    for a in ax.flat:
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        a.set_xlabel("step")
-        a.grid(alpha=0.3)
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=8)
-    s = cfg.get("search", {})
-    fig.suptitle(f"{Path(run_dir).name}: model {cfg.get('model', '?')} | data {cfg.get('train_data', '?')} | "
-                 f"retriever {cfg.get('retriever', '?')} | top-k {s.get('topk', '?')}", fontsize=9)
-    fig.tight_layout()
-    out = Path(run_dir) / "training_curves.png"
-    tmp = out.with_name("training_curves.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------
 def main():
-    from trl import GRPOConfig, TrlParser
-
-    parser = TrlParser((GRPOSearchArguments, utils.SearchArguments, GRPOConfig))
-    gpu = torch.cuda.is_available()
-    # The paper's values (research-reference.md, "Training") as defaults; presets in configs/ override.
-    # TRL's beta KL term is exp(r) - r - 1 with r = ref - policy log-prob: the k3 ("low_var_kl") estimator.
-    parser.set_defaults(
-        output_dir="runs/grpo", num_generations=5, per_device_train_batch_size=5, learning_rate=1e-6,
-        lr_scheduler_type="constant", warmup_steps=0, beta=0.001, epsilon=0.2, temperature=1.0, top_p=1.0,
-        top_k=0, max_completion_length=8192, num_train_epochs=2,
-        loss_type="dapo",  # token mean over the whole batch, as the reference's veRL "token-mean"
-        scale_rewards="group", disable_dropout=True, logging_steps=1, save_strategy="steps", save_steps=10,
-        report_to="tensorboard", log_completions=False,
-        bf16=gpu, gradient_checkpointing=gpu)  # fp32 and no checkpointing on the CPU: faster there
-    try:
-        args, sargs, targs = parser.parse_args_and_config()
-    except ValueError as e:  # e.g. a GPU preset (bf16) on a machine without a GPU
-        raise utils.ReSearchError(f"bad arguments: {e}") from e
-    if args.plot:
-        print(f"wrote {plot_run(args.plot)}")
-        return
-
-    out_dir = Path(targs.output_dir)
-    main_process = targs.process_index == 0  # several processes under accelerate launch: rank 0 writes files
-    with targs.main_process_first(desc="output folder"):  # the others read it after rank 0 tidied it
-        if main_process:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt, resumed_step = last_checkpoint(out_dir)
-        if ckpt:
-            check_same_run(out_dir, args, sargs, targs)
-        # A resumed run logs the steps after the checkpoint again: drop what the killed run logged for them.
-        for name in ("metrics.jsonl", "trajectories.jsonl"):
-            dropped = truncate_jsonl(out_dir / name, resumed_step) if main_process else 0
-            if dropped:
-                print(f"{name}: dropped {dropped} lines logged after step {resumed_step}", flush=True)
-        if main_process and (out_dir / "config.json").exists():  # an older final model: about to be superseded
-            (out_dir / "config.json").unlink()
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tb"))  # one folder across resumes
-
-    model_name = utils.resolve_model(args.model)
-    tok = utils.load_tokenizer(model_name)
+    args, sargs, targs = utils.parse_args(GRPOSearchArguments, utils.SearchArguments, GRPOConfig, defaults=PAPER_GRPO)
+    out_dir, main_process = Path(targs.output_dir), targs.process_index == 0
+    ckpt, resumed_step = check_output_dir(out_dir, args)
+    if ckpt:  # a run with other settings is refused, not mixed in (extras/resume.py)
+        importlib.import_module("extras.resume").check_same_run(out_dir, {**asdict(sargs), **targs.to_dict(),
+                                                                          **asdict(args)})
+    tok = utils.load_tokenizer(args.model)
     search = utils.load_retriever(sargs.retriever)
     dataset, too_long = load_prompts(args, sargs, tok)
-    retriever_desc = getattr(search, "description", sargs.retriever)
-    if main_process:
-        print(f"model {model_name} | data {args.train_data} ({len(dataset)} questions, {too_long} prompts too long) | "
-          f"retriever {retriever_desc} | topk {sargs.topk} | passage_max_words {sargs.passage_max_words} | "
-          f"max_searches {sargs.max_searches} | max_completion_length {targs.max_completion_length} | "
-          f"group {targs.num_generations} | backend {'vllm-' + targs.vllm_mode if targs.use_vllm else 'hf'} | "
-          f"processes {targs.world_size}" + (f" | resuming from {ckpt}" if ckpt else ""), flush=True)
-        manifest = getattr(search, "manifest", {})
-        write_json(out_dir / "run_config.json", {
-            "stage": "03_grpo_search", "model": model_name, "train_data": args.train_data, "split": args.train_split,
-            "num_questions": len(dataset), "dropped_long_prompts": too_long, "retriever": retriever_desc,
-            "corpus": {k: manifest.get(k) for k in ("corpus", "corpus_sha256", "num_passages") if k in manifest},
-            "search": asdict(sargs), "script": asdict(args), "grpo": targs.to_dict(), "resumed_from": ckpt,
-            "processes": targs.world_size, "identity": run_identity(args, sargs, targs)})
+    retriever = getattr(search, "description", sargs.retriever)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tb"))  # one folder across resumes
+    dtype = "bfloat16" if args.dtype == "auto" and torch.cuda.is_available() and args.use_lora else args.dtype
+    policy = utils.load_model(args.model, dtype, device="cpu")  # auto = float32; the Trainer places it
+    trainer = SearchGRPOTrainer(model=policy, args=targs, train_dataset=dataset, processing_class=tok,
+                                peft_config=lora_config(args), search=search, search_args=sargs,
+                                trajectory_every=args.trajectory_every, trajectory_samples=args.trajectory_samples)
+    for name in ("ProgressCallback", "PrinterCallback"):  # summary_line() reports each step instead
+        trainer.remove_callback(getattr(importlib.import_module("transformers"), name))
 
-    trainer = SearchGRPOTrainer(
-        model=load_policy(args), args=targs, train_dataset=dataset, processing_class=tok,
-        peft_config=lora_config(args), search=search, search_args=sargs,
-        trajectory_every=args.trajectory_every, trajectory_samples=args.trajectory_samples,
-        max_new_tokens_per_call=args.max_new_tokens_per_call)
-    for cb in trainer.callback_handler.callbacks:
-        name = type(cb).__name__
-        if name == "ProgressCallback":  # keep its bar; summary_line() replaces its dump of every metric
-            cb.on_log = lambda *a, **k: None
-        if name == "TensorBoardCallback" and resumed_step:  # TensorBoard forgets events after the checkpoint
-            from torch.utils.tensorboard import SummaryWriter
-            cb.tb_writer = SummaryWriter(log_dir=os.environ["TENSORBOARD_LOGGING_DIR"], purge_step=resumed_step + 1)
-
+    # Everything loaded: only now is the output folder touched (rank 0 writes, the others wait for it).
+    with targs.main_process_first(desc="output folder"):
+        if main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").unlink(missing_ok=True)  # an older final model, about to be superseded
+            if ckpt:  # the resumed run logs the steps after its checkpoint again: drop what was logged for them
+                importlib.import_module("extras.resume").truncate_logs(out_dir, resumed_step, trainer)
+            run = {"model": args.model, "train_data": args.train_data, "questions": len(dataset),
+                   "dropped_long_prompts": too_long, "retriever": retriever, "top-k": sargs.topk,
+                   "max_completion_length": targs.max_completion_length, "group": targs.num_generations,
+                   "vllm": targs.use_vllm, "processes": targs.world_size, **({"resuming from": ckpt} if ckpt else {})}
+            print(" | ".join(f"{k} {v}" for k, v in run.items()), flush=True)
+            (out_dir / "run_config.json").write_text(json.dumps({
+                **run, "corpus": getattr(search, "manifest", {}).get("corpus"), "search": asdict(sargs),
+                "script": asdict(args), "grpo": targs.to_dict()},
+                indent=2, default=str))
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=ckpt)
     save_final_model(trainer, tok, out_dir, args.merge_lora)  # every rank calls it (ZeRO-3 gathers weights)
     if main_process:
-        plot = plot_run(str(out_dir)) if (out_dir / "metrics.jsonl").is_file() else None
-        print(f"done in {time.perf_counter() - t0:.0f}s: model -> {out_dir} (use as --model), trajectories -> "
-              f"{out_dir / 'trajectories.jsonl'}, curves -> {plot}", flush=True)
+        traj = out_dir / "trajectories.jsonl"  # and a page showing which tokens were trained
+        page = importlib.import_module("extras.view_trajectories").write_page(traj) if traj.is_file() else None
+        print(f"done in {time.perf_counter() - t0:.0f}s: model -> {out_dir} (use as --model), rollouts -> {page}; "
+              f"curves: python extras/plot_curves.py {out_dir}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """BM25 vs dense retrieval, side by side: build time, peak memory, index size, recall@5 and
-queries/s of 01_build_index.py --retriever bm25 and --retriever dense on the same corpus, for the
+queries/s of 01_build_index.py's BM25 index and its dense one (--encoder) on the same corpus, for the
 500 mini HotpotQA dev questions (gold = metadata.supporting_passages, 2 per question).
 
 The corpus is the mini corpus (--distractors all), or, because encoding 17k passages with a CPU
 encoder takes about an hour on a shared 2-core machine, every gold passage of the 500 questions plus
 --distractors random other mini passages (seed 0), written to a temp dir. Both retrievers index the
 same file, so their recalls compare; on a smaller corpus both are higher than on the full one.
-Each build is its own subprocess (peak RSS from wait4); searches run in this process.
+Each build is its own subprocess (peak RSS from wait4); searches run in this process, one batch of the
+500 questions through 01_build_index.load_index(dir, threads=1). The bm25 index is built with
+--low_memory true (the streamed build, extras/streamed_bm25.py: the build measured before the default
+became bm25s's in-memory index(); the files, hence recall and q/s, are the same).
 
     .venv/bin/python benchmarks/bench_dense.py                        # golds + 2000 distractors (~10 min, 2 cores)
     .venv/bin/python benchmarks/bench_dense.py --distractors all      # the whole mini corpus (~1 h on 2 cores, ~1 min on a GPU)
@@ -16,6 +19,7 @@ Each build is its own subprocess (peak RSS from wait4); searches run in this pro
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import random
@@ -27,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import utils  # noqa: E402
+engine = importlib.import_module("01_build_index")  # read_manifest, load_index
 
 CORPUS = ROOT / "data" / "mini" / "corpus.jsonl"
 DEV = ROOT / "data" / "mini" / "hotpotqa_dev.jsonl"
@@ -84,12 +88,13 @@ def main() -> None:
     print(f"corpus: {corpus} ({n} passages); encoder {a.encoder}; {os.cpu_count()} cores; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     out = {}
-    for kind, extra in (("bm25", []), ("dense", ["--retriever", "dense", "--encoder", a.encoder])):
+    for kind, extra in (("bm25", ["--low_memory", "true"]),  # the streamed build, as measured before
+                        ("dense", ["--retriever", "dense", "--encoder", a.encoder])):
         ix = work / f"index_{kind}"
         b = timed_build([sys.executable, "01_build_index.py", "--corpus", str(corpus), "--index_dir", str(ix),
                          "--overwrite", *extra])
-        m = utils.read_manifest(ix)
-        search = utils.load_local_retriever(ix)
+        m = engine.read_manifest(ix)
+        search = engine.load_index(ix, threads=1)  # bm25: one thread, as before (dense: one encode + faiss search)
         r = recall(search, rows)
         out[kind] = {**b, "index_mb": round(m["index_bytes"] / 2**20, 1), **r}
         print(json.dumps({kind: out[kind]}), flush=True)

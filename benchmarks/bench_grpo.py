@@ -3,18 +3,21 @@ TRL's stock GRPOTrainer, with the same model, prompts, batch and lengths, measur
 run (interleaved: plain, search, plain, search, ...; medians reported).
 
 1. Rollout throughput, model tokens per second: utils.search_rollout with the Hugging Face back end
-   (utils.hf_generate_fn, KV cache kept across turns), for each --chunks value of
-   max_new_tokens_per_call, against ONE plain batched model.generate call on the same prompts and
+   (utils.hf_generate_fn(..., fast=True): extras/fast_rollout.py, KV cache kept across turns), for each
+   --chunks value of max_new_tokens_per_call, against ONE plain batched model.generate call on the same prompts and
    batch that produces the same rows' worth of model tokens. A batched generate runs until its
    longest row is done, so "same rows" = every row forced to the longest row's model-token count
    (max n_i steps), credited with the same N = sum n_i useful tokens: target >= 0.8x. "Packed" =
    every row forced to ceil(N / batch) tokens (equal lengths, no idle rows: the best case plain
    generate could ever have, reported for context). The search loop pays for its pauses (rows that
    searched wait for the slowest row of the call), the prefill of each result block, the stop-string
-   check and retrieval. Also shown: the loop without KV-cache reuse (every call re-reads every context).
+   check and retrieval. Also shown: the loop without KV-cache reuse (fast=False: one plain batched generate
+   per call, every call re-reads every context). Generate and retrieval seconds are summed by wrapping the
+   generate and search functions handed to utils.search_rollout.
 2. Retrieval's share of the rollout's wall time. Target: < 5%.
 3. One GRPO step (rollout + reference log-probs + reward + forward/backward + optimizer), full-model
-   fp32: SearchGRPOTrainer against TRL's GRPOTrainer without search on the same prompts and batch,
+   fp32: SearchGRPOTrainer (--fast_rollout true, --max_new_tokens_per_call = the last --chunks value)
+   against TRL's GRPOTrainer without search on the same prompts and batch,
    its completions forced to the search run's longest completion (so the padded training batch has
    the same shape). Also the step minus its generation ("train"). The first step of each trainer is
    a warm-up and is not counted. Target: <= 1.3x.
@@ -30,6 +33,7 @@ exercise the loop. Writes runs/bench_grpo.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -70,27 +74,49 @@ def prompts_for(args, tok, offset: int = 0) -> tuple[list[dict], list[list[int]]
     qs = utils.load_questions(args.data)[offset: offset + args.questions]
     rows = [{"prompt": utils.build_prompt(q["question"], tok), "golden_answers": q["golden_answers"],
              "question_id": q["id"], "question": q["question"]} for q in qs]
-    return rows, [utils.encode_prompt(r["prompt"], tok) for r in rows for _ in range(args.group)]
+    return rows, [utils.encode(r["prompt"], tok) for r in rows for _ in range(args.group)]
 
 
 # ---------------------------------------------------------------------------------------------
 # 1-2. Rollouts
 # ---------------------------------------------------------------------------------------------
+def sampling_config(model):
+    """Training's sampling (temperature 1, top-p 1, top-k 0) as a GenerationConfig for utils.hf_generate_fn."""
+    config = copy.deepcopy(model.generation_config)
+    config.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    return config
+
+
+def timed(fn, timings: dict, key: str):
+    """fn, adding the seconds spent inside it to timings[key + "_s"] and counting calls in timings[key + "_calls"]."""
+    def call(*a):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a)
+        finally:
+            timings[key + "_s"] += time.perf_counter() - t0
+            timings[key + "_calls"] += 1
+    return call
+
+
 def search_run(args, model, tok, search, prompt_ids, seed: int, reuse: bool, chunk: int) -> dict:
     import torch
     torch.manual_seed(seed)
-    generate = utils.hf_generate_fn(model, tok, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, reuse_cache=reuse)
-    timings: dict = {}
+    generate = utils.hf_generate_fn(model, tok, sampling_config(model), fast=reuse)
+    timings = {"generate_s": 0.0, "generate_calls": 0, "retrieve_s": 0.0, "retrieve_calls": 0}
     t0 = time.perf_counter()
-    rows = utils.search_rollout(prompt_ids, generate, search, tok, utils.eos_token_ids(tok, model),
+    rows = utils.search_rollout(prompt_ids, timed(generate, timings, "generate"), timed(search, timings, "retrieve"),
+                                tok, utils.eos_token_ids(tok, model.generation_config),
                                 max_completion_length=args.max_completion_length, topk=args.topk,
                                 max_searches=args.max_searches, passage_max_words=args.passage_max_words,
-                                timings=timings, max_new_tokens_per_call=chunk)
+                                max_new_tokens_per_call=chunk)
     wall = time.perf_counter() - t0
-    n = sum(r.num_model_tokens for r in rows)
+    del generate  # the fast path keeps its last KV cache: free it before the plain run
+    model_tokens = [sum(r.mask) for r in rows]  # mask 1 = the model's own tokens, 0 = retrieved
+    n = sum(model_tokens)
     return {"chunk": chunk, "reuse_cache": reuse, "wall_s": wall, "model_tokens": n, "tokens_per_s": n / wall,
-            "longest_row": max(r.num_model_tokens for r in rows),
-            "retrieved_tokens": sum(r.num_retrieved_tokens for r in rows),
+            "longest_row": max(model_tokens),
+            "retrieved_tokens": sum(r.mask.count(0) for r in rows),
             "generate_s": timings["generate_s"], "retrieve_s": timings["retrieve_s"],
             "generate_calls": timings["generate_calls"], "retrieve_share": timings["retrieve_s"] / wall,
             "searches_per_rollout": statistics.mean(r.num_searches for r in rows),
@@ -192,13 +218,13 @@ def bench_train(args, results: dict) -> None:
     dataset = Dataset.from_list(rows)
     search = utils.load_retriever(args.retriever)
     sargs = utils.SearchArguments(retriever=args.retriever, topk=args.topk, passage_max_words=args.passage_max_words,
-                                  max_searches=args.max_searches)
+                                  max_searches=args.max_searches, fast_rollout=True,  # KV-cache reuse, as before
+                                  max_new_tokens_per_call=int(args.chunks.split(",")[-1]))
     with tempfile.TemporaryDirectory() as tmp:
         ours = grpo.SearchGRPOTrainer(
             model=transformers.AutoModelForCausalLM.from_pretrained(utils.resolve_model(args.model)),
             args=grpo_config(args, tmp + "/ours", steps), train_dataset=dataset, processing_class=tok,
-            search=search, search_args=sargs, trajectory_every=0,
-            max_new_tokens_per_call=int(args.chunks.split(",")[-1]))
+            search=search, search_args=sargs, trajectory_every=0)
         longest = []
         rollout = ours.rollout_func
 

@@ -1,6 +1,9 @@
-"""Retrieval benchmark: build time, peak memory and queries/s of our bm25s index (01_build_index.py,
-streamed) against rank-bm25's BM25Okapi, with the same tokenisation (utils.bm25_tokenize with the
-index's settings), on the bundled mini corpus and on bigger corpora made from its real passage text.
+"""Retrieval benchmark: build time, peak memory and queries/s of our bm25s index (01_build_index.py
+--low_memory true: the streamed out-of-core build, extras/streamed_bm25.py) against rank-bm25's BM25Okapi,
+with the same tokenisation (01_build_index.bm25_tokenize with the index's settings), on the bundled mini
+corpus and on bigger corpora made from its real passage text. bm25s q/s: one batch through
+01_build_index.load_index(dir, threads=1), one thread as before (benchmarks/bench_retrieval_threads.py
+measures more threads).
 
 Every build and every query run is its own subprocess, so each peak RSS (from wait4) is that run's
 alone. Queries are the 500 mini HotpotQA dev questions, top-5. Synthetic corpora (fixed seed, written
@@ -18,6 +21,7 @@ rank-bm25 runs only up to --rank_bm25_max_passages (default 100k): at 1M its pur
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import random
@@ -31,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import utils  # noqa: E402
+engine = importlib.import_module("01_build_index")  # read_manifest, bm25_tokenize, load_index
 
 CORPUS = ROOT / "data" / "mini" / "corpus.jsonl"
 QUESTIONS = ROOT / "data" / "mini" / "hotpotqa_dev.jsonl"
@@ -86,7 +90,7 @@ def run_child(cmd: list[str]) -> dict:
 # ---------------------------------------------------------------------------------------------
 def worker_query_bm25s(a) -> dict:
     t0 = time.time()
-    search = utils.load_local_retriever(a.index_dir)
+    search = engine.load_index(a.index_dir, threads=1)  # one thread: the sequential search measured before
     load_s = time.time() - t0
     qs = questions(a.n_queries)
     search(qs[:5], 5)  # warm the page cache and imports
@@ -103,19 +107,19 @@ def read_terms(corpus: str, manifest: dict) -> list[list[str]]:
         for line in f:
             texts.append(json.loads(line)["contents"])
             if len(texts) == 20000:
-                out += utils.bm25_tokenize(texts, manifest)
+                out += engine.bm25_tokenize(texts, manifest)
                 texts = []
-    return out + utils.bm25_tokenize(texts, manifest)
+    return out + engine.bm25_tokenize(texts, manifest)
 
 
 def worker_rank_bm25(a) -> dict:
     import numpy as np
     from rank_bm25 import BM25Okapi
-    manifest = utils.read_manifest(a.index_dir)  # same tokenisation as the bm25s index
+    manifest = engine.read_manifest(a.index_dir)  # same tokenisation as the bm25s index
     t0 = time.time()
     model = BM25Okapi(read_terms(a.corpus, manifest), k1=1.5, b=0.75)
     build_s = time.time() - t0
-    qs = utils.bm25_tokenize(questions(a.n_queries), manifest)
+    qs = engine.bm25_tokenize(questions(a.n_queries), manifest)
     done, t0 = 0, time.time()
     for q in qs:  # bounded: stop at the time budget
         scores = model.get_scores(q)
@@ -176,9 +180,11 @@ def main() -> None:
                 print(f"[{n}] made corpus in {time.time() - t0:.0f} s", file=sys.stderr)
             ix = tmp / f"index_{size}"
             row = {"size": size, "passages": n, "corpus_mb": round(corpus.stat().st_size / 2**20, 1)}
-            b = run_child([py, "01_build_index.py", "--corpus", str(corpus), "--index_dir", str(ix)])
-            m = utils.read_manifest(ix)
-            row["bm25s"] = {"build_s": m["build_seconds"], "tokenize_s": m["tokenize_seconds"], "build_wall_s": b["wall_s"],
+            b = run_child([py, "01_build_index.py", "--corpus", str(corpus), "--index_dir", str(ix),
+                           "--low_memory", "true"])  # the streamed build (extras/streamed_bm25.py)
+            m = engine.read_manifest(ix)
+            # tokenize_s: the streamed build no longer records its tokenising time (None)
+            row["bm25s"] = {"build_s": m["build_seconds"], "tokenize_s": m.get("tokenize_seconds"), "build_wall_s": b["wall_s"],
                             "build_peak_rss_mb": b["peak_rss_mb"], "index_mb": round(m["index_bytes"] / 2**20, 1),
                             "postings": m["num_postings"], "terms": m["num_terms"]}
             q = run_child([py, me, "--worker", "query_bm25s", "--index_dir", str(ix), "--n_queries", str(a.n_queries)])

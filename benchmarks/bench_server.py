@@ -1,8 +1,10 @@
-"""Retrieval server throughput: queries/s of `01_build_index.py --serve` with 1, 4 and 16 concurrent
-loopback clients, each sending one question per request (POST /batch_search, top-5, a new
-connection per request, as utils.http_retriever does), bounded by --max_requests per level and
---max_seconds per level. Also one client sending --batch questions per request. Every answer is
-checked against the local search (a concurrent server must give the sequential results).
+"""Retrieval server throughput: queries/s of `01_build_index.py --serve true` (extras/retrieval_server.py)
+with 1, 4 and 16 concurrent loopback clients, each sending one question per request (POST /batch_search,
+top-5, a new connection per request, as extras.retrieval_server.http_retriever does), bounded by
+--max_requests per level and --max_seconds per level. Also one client sending --batch questions per
+request. Every answer is checked against the local search (a concurrent server must give the sequential
+results). The server searches each request's batch on --threads threads (default 1, the sequential
+search measured before; 0 = every core, the server's own default).
 
     .venv/bin/python benchmarks/bench_server.py                                # the mini bm25 index
     .venv/bin/python benchmarks/bench_server.py --index_dir runs/index_dense   # any index folder
@@ -11,6 +13,7 @@ checked against the local search (a concurrent server must give the sequential r
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -77,11 +80,14 @@ def main() -> None:
     ap.add_argument("--max_requests", type=int, default=500, help="requests per level at most")
     ap.add_argument("--max_seconds", type=float, default=20.0, help="seconds per level at most")
     ap.add_argument("--batch", type=int, default=32, help="questions per request in the batched run")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="the server's --threads: one request's queries spread over this many (0 = every core)")
     a = ap.parse_args()
     questions = [json.loads(l)["question"] for l in DEV.read_text().splitlines()]
-    want_rows = utils.load_local_retriever(a.index_dir)(questions, 5)  # the sequential answers
+    want_rows = importlib.import_module("01_build_index").load_index(a.index_dir, threads=1)(questions, 5)  # sequential
     want = dict(zip(questions, want_rows))
-    cmd = [sys.executable, "01_build_index.py", "--index_dir", a.index_dir, "--serve", "--port", "0"]
+    cmd = [sys.executable, "01_build_index.py", "--index_dir", a.index_dir, "--serve", "true", "--port", "0",
+           "--threads", str(a.threads)]
     if shutil.which("timeout"):
         cmd = ["timeout", "900"] + cmd  # the server cannot outlive a crashed benchmark by long
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -1,23 +1,22 @@
-"""The warm-up's measured effect: greedy search rollouts (utils.search_rollout + utils.hf_generate_fn,
-do_sample=False) on held-out HotpotQA dev questions with the model before and after 02_sft_warmup.py:
-format-valid rate (valid format and ended with EOS), mean searches per question, F1, EM. Same prompts,
-retriever and budgets as GRPO and evaluation; the search settings are read from the warmed-up
-checkpoint's warmup.json so both models meet the result blocks that were trained on.
+"""The warm-up's measured effect: greedy search rollouts (utils.search_rollout + utils.hf_generate_fn(...,
+fast=True): greedy, KV cache kept across turns) on held-out HotpotQA dev questions with the model before and
+after 02_sft_warmup.py: format-valid rate (utils.compute_reward's format_ok: valid format and ended with EOS),
+mean searches per question, F1, EM, reward. Same prompts, retriever and budgets as GRPO and evaluation; the
+search settings (retriever, topk, passage_max_words, max_searches, prompt_template, max_completion_length)
+are read from the warmed-up checkpoint's warmup.json so both models meet the result blocks that were
+trained on. Generate calls are not cut (max_new_tokens_per_call 0): only the seconds would change.
 
     python 02_sft_warmup.py --config configs/sft_cpu.yaml          # writes runs/sft
     python benchmarks/bench_sft_warmup.py --before models/SmolLM2-135M-Instruct --after runs/sft --n 50
-
-(02_sft_warmup.py --eval_before_after N does the same inside the warm-up run.)
 """
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import importlib.util  # noqa: E402
-
 import utils  # noqa: E402
 
 
@@ -37,13 +36,42 @@ class BenchArguments:
     """Also write the table and figures as json here."""
 
 
+def measure(model_path: str, questions: list[dict], tokenizer, search: utils.SearchFn,
+            sargs: utils.SearchArguments, max_completion_length: int, batch_size: int) -> dict:
+    """Format-valid rate, mean searches per question, mean F1 / EM / reward and seconds, greedy decoding."""
+    model = utils.load_model(model_path)
+    generate = utils.hf_generate_fn(model, tokenizer, fast=True)  # generation_config None = greedy
+    eos_ids = utils.eos_token_ids(tokenizer, model.generation_config)
+    t0, scores, searches = time.perf_counter(), [], []
+    for b in range(0, len(questions), batch_size):
+        batch = questions[b : b + batch_size]
+        prompts = [utils.encode(utils.build_prompt(q["question"], tokenizer, sargs.prompt_template), tokenizer)
+                   for q in batch]
+        rollouts = utils.search_rollout(prompts, generate, search, tokenizer, eos_ids,
+                                        max_completion_length=max_completion_length, topk=sargs.topk,
+                                        max_searches=sargs.max_searches, passage_max_words=sargs.passage_max_words)
+        for q, r in zip(batch, rollouts):
+            scores.append(utils.compute_reward(utils.reward_text(r, tokenizer), q["golden_answers"], r.ended_with_eos))
+            searches.append(r.num_searches)
+    n = len(scores)
+    del model, generate  # the fast generate holds its last KV cache
+    return {"n": n, "format_valid": sum(s["format_ok"] for s in scores) / n, "searches": sum(searches) / n,
+            "f1": sum(s["f1"] for s in scores) / n, "em": sum(s["em"] for s in scores) / n,
+            "reward": sum(s["reward"] for s in scores) / n, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def print_table(before: dict | None, after: dict) -> None:
+    print("| model | questions | format-valid | searches/question | F1 | EM |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, m in (("before warm-up", before), ("after warm-up", after)):
+        if m:
+            print(f"| {name} | {m['n']} | {100 * m['format_valid']:.0f}% | {m['searches']:.2f} | "
+                  f"{m['f1']:.3f} | {m['em']:.3f} |")
+
+
 def main():
     from trl import TrlParser
     (args,) = TrlParser((BenchArguments,)).parse_args_and_config()
-    spec = importlib.util.spec_from_file_location("sft_warmup", utils.REPO_ROOT / "02_sft_warmup.py")
-    sft = importlib.util.module_from_spec(spec)
-    sys.modules["sft_warmup"] = sft
-    spec.loader.exec_module(sft)
     meta_path = Path(args.after) / "warmup.json"
     if not meta_path.is_file():
         raise utils.ReSearchError(f"--after {args.after}: no warmup.json (not a 02_sft_warmup.py output)")
@@ -59,9 +87,9 @@ def main():
           f"max_completion_length {meta['max_completion_length']} | greedy", flush=True)
     res = {}
     for name, path in (("before", utils.resolve_model(args.before)), ("after", args.after)):
-        res[name] = sft.measure(path, questions, tokenizer, search, sargs, meta["max_completion_length"], args.batch_size)
+        res[name] = measure(path, questions, tokenizer, search, sargs, meta["max_completion_length"], args.batch_size)
         print(f"{name} ({path}): {res[name]}", flush=True)
-    sft.print_table(res["before"], res["after"])
+    print_table(res["before"], res["after"])
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "search": vars(sargs), **res}, indent=2) + "\n")
 

@@ -84,7 +84,7 @@ PYEOF
     need_corpus
     need_disk 35 "$INDEX_DIR"
     # Time, peak RSS and size are recorded in $INDEX_DIR/manifest.json (build_seconds, build_peak_rss_mb, index_bytes).
-    "$PY" 01_build_index.py --corpus "$WIKI18" --index_dir "$INDEX_DIR"
+    "$PY" 01_build_index.py --corpus "$WIKI18" --index_dir "$INDEX_DIR" --low_memory true
     "$PY" 01_build_index.py --index_dir "$INDEX_DIR" --query "Were Scott Derrickson and Ed Wood of the same nationality?"
     ;;
   dense)
@@ -92,8 +92,8 @@ PYEOF
     need_disk 80 "$DENSE_DIR"
     # Flat (exact) for searching on a GPU with faiss-gpu (--faiss_gpu true when serving); use
     # --faiss_index hnsw for CPU search (much longer build).
-    "$PY" 01_build_index.py --corpus "$WIKI18" --index_dir "$DENSE_DIR" --retriever dense \
-      --encoder intfloat/e5-base-v2 --max_seq_length 256 --encode_batch_size 512 --chunk_passages 200000 \
+    "$PY" 01_build_index.py --corpus "$WIKI18" --index_dir "$DENSE_DIR" \
+      --encoder intfloat/e5-base-v2 --encode_batch_size 512 --chunk_passages 200000 \
       --faiss_index "${FAISS_INDEX:-flat}"
     ;;
   serve)

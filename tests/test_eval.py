@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT, load_stage, run_script
@@ -24,6 +25,9 @@ from conftest import ROOT, load_stage, run_script
 import utils
 
 ev = load_stage("04_eval.py", "eval04")
+api = __import__("extras.api_backend", fromlist=["api_backend"])  # --backend api
+judging = __import__("extras.judge", fromlist=["judge"])  # --judge_base_url
+resume = __import__("extras.resume", fromlist=["resume"])  # a rerun resumes
 
 CPU = ["--topk", "3", "--passage_max_words", "30", "--max_searches", "4", "--max_completion_length", "256"]
 # Tiny models gain nothing from a second thread, and on a busy 2-core machine two OpenMP threads per
@@ -61,59 +65,131 @@ JUDGE_OK = '{"rationale": "same city", "judgement": "correct"}'
 def test_metrics_hand_worked(pred, golds, em, f1, acc):
     assert utils.exact_match(pred, golds) == em
     assert utils.f1_score(pred, golds) == pytest.approx(f1)
-    assert utils.cover_match(pred, golds) == acc
+    assert ev.cover_match(pred, golds) == acc
 
 
-def test_baseline_answers_are_shortened():
-    assert ev.short_answer("\n Answer: Paris.\nBecause ...") == "Paris."
-    assert ev.short_answer("So the final answer is: no") == "no"
-    assert ev.short_answer("The answer is: 1912") == "1912"
-    assert ev.short_answer("Answering machines") == "Answering machines"  # only a real prefix is dropped
-    assert ev.short_answer("") == ""
-    assert ev.ircot_answer(["X is in Pakistan.", "So the answer is: no."]) == "no."
-    assert ev.ircot_answer(["No conclusion here", "still none"]) == "No conclusion here still none"
-    assert ev.first_sentence(" Dr. Wood was born in 1924. He was American.\nQuestion: x") == "Dr. Wood was born in 1924."
-    assert ev.first_sentence("Both are American. So the answer is: yes.") == "Both are American. So the answer is: yes."
-    assert ev.first_sentence("\n\n") == ""
+# How evaluation reads the research answer: as the reference's ReSearchPipeline.run_item does (its
+# extract_answer, last_boxed_only_string and remove_boxed), cases worked out from that code by hand.
+@pytest.mark.parametrize("text, eos, want", [
+    (" <think> a </think> <answer> The final answer is \\[ \\boxed{Paris} \\] </answer>", True, "Paris"),
+    (" <think> a </think> <answer> The final answer is \\[ \\boxed{Paris} \\] </answer>", False, None),  # no EOS
+    (" <answer> \\boxed{A} </answer> <answer> \\boxed{B} </answer>", True, "A"),  # two blocks: the first
+    (" <think> a </think> <answer> \\boxed{A}", True, None),  # never closed: nothing
+    (" <answer> \\boxed{A} <answer> \\boxed{B} </answer>", True, "B"),  # first <answer> to first </answer>
+    (" <answer> \\boxed{A} or \\boxed{B} </answer>", True, "B"),  # the last box
+    (" <answer> \\boxed{ Paris } </answer>", True, " Paris "),  # not stripped (EM normalises anyway)
+    (" <answer> \\boxed Paris$ and </answer>", True, "Paris"),  # "\boxed x" runs to the next $
+    (" <answer> \\boxed{\\text{New York}} </answer>", True, "\\text{New York}"),  # nested braces
+    (" <answer> \\boxed{a </answer>", True, None),  # unbalanced
+    (" <answer> \\fbox{x} </answer>", True, None),
+    (" <answer> Paris </answer>", True, None),  # no box
+    ("<answer> \\boxed{X} </answer>", True, "X"),  # no <think>: the format is not checked
+    (" <answer> \\boxed{} </answer>", True, ""),
+])
+def test_eval_prediction_reads_as_the_reference(text, eos, want):
+    assert utils.eval_prediction(text, eos) == want
+
+
+def test_eval_and_the_training_reward_differ_where_the_reference_does():
+    two = " <think> a </think> <answer> \\boxed{A} </answer> <answer> \\boxed{B} </answer>"
+    assert utils.compute_reward(two, ["B"], True)["reward"] == 0.0  # the reward: two answers is a bad format
+    assert utils.eval_prediction(two, True) == "A"  # evaluation: the first, format unchecked
+    unclosed = " <think> a </think> <answer> \\boxed{A}"
+    assert utils.extract_answer(unclosed) == "A" and utils.eval_prediction(unclosed, True) is None
+
+
+def test_bootstrap_ci_is_seeded_paired_and_brackets_the_mean():
+    import random
+    rng = random.Random(1)
+    before = [float(rng.random() < 0.3) for _ in range(300)]
+    after = [b if rng.random() < 0.9 else 1.0 for b in before]  # mostly the same questions right, a few more
+    mean, low, high = ev.bootstrap_ci(after)
+    assert ev.bootstrap_ci(after) == [mean, low, high] and low < mean < high  # seeded: the same every time
+    assert mean == pytest.approx(100 * sum(after) / len(after), abs=0.01)
+    assert ev.bootstrap_ci([1.0] * 10) == [100.0, 100.0, 100.0] and ev.bootstrap_ci(after, after) == [0.0, 0.0, 0.0]
+    d_mean, d_low, d_high = ev.bootstrap_ci(after, before)
+    assert d_mean == pytest.approx(mean - ev.bootstrap_ci(before)[0], abs=0.01) and 0 < d_low < d_mean < d_high
+    # pairing removes the spread the two runs share: far narrower than either run's own interval
+    assert d_high - d_low < (high - low) / 2
+
+
+def test_ircot_keeps_every_passage_by_best_score_ascending(mini_index, tokenizer):
+    """FlashRAG's IRCOTPipeline: the first prompt lists the question's passages in retrieval order; once a
+    thought has searched, every passage found so far, each at its best score, ascending (best last); no
+    cap; a thought saying "So the answer is:" stops the loop; the prediction is the text after it."""
+    search = utils.load_retriever(mini_index)
+    thoughts = [" Scott Derrickson is an American director.", " Ed Wood was an American filmmaker.",
+                " Doctor Strange is a 2016 film.", " Plan 9 from Outer Space is a film.", " So the answer is: yes."]
+    prompts = []
+
+    def complete(batch_prompts, max_new_tokens, stop=None):
+        assert stop == [".", "\n"]
+        prompts.extend(batch_prompts)
+        return [thoughts[len(prompts) - 1]]
+
+    e = SimpleNamespace(tok=tokenizer, complete=complete, search=search, args=ev.EvalArguments(),
+                        sargs=utils.SearchArguments(retriever=mini_index, topk=5))
+    (out,) = ev.run_ircot([{"question": Q1}], e)
+    assert out["prediction"] == "yes." and out["num_searches"] == 5 and len(prompts) == 5
+    best: dict[str, tuple] = {}
+    for i, query in enumerate([Q1] + thoughts[:4]):
+        for p, s in search.scored([query], 5)[0]:
+            best[p["id"]] = (p, max(s, best.get(p["id"], (p, s))[1]))
+        order = [p for p, _ in search.scored([Q1], 5)[0]] if i == 0 else \
+            [p for p, _ in sorted(best.values(), key=lambda ps: ps[1])]
+        listed = "".join(ev.references(order, "Wikipedia Title: {title}\n{text}\n\n", 0))
+        assert prompts[i].split(ev.IRCOT_EXAMPLE)[1] == f"\n\n{listed}Question: {Q1}\nThought:" + " ".join(thoughts[:i])
+    assert prompts[4].count("Wikipedia Title:") - ev.IRCOT_EXAMPLE.count("Wikipedia Title:") > 15  # no cap
+
+
+def test_every_back_end_stops_at_the_generation_configs_eos_ids(tmp_path, tiny_model_dir, mini_index):
+    """Qwen2.5-Instruct's generation config lists two stop ids; the tokenizer knows one. Every back end
+    (here the api one, which loads no weights) stops at both."""
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**cfg, "eos_token_id": [2, 7]}))
+    e = ev.load_engine(ev.EvalArguments(model=str(tmp_path / "m"), backend="api"),
+                       utils.SearchArguments(retriever=mini_index))
+    assert {2, 7} <= e.eos_ids
 
 
 def test_judge_reply_parsing_and_prompt():
-    assert ev.parse_judge_reply(JUDGE_OK) == "correct"
-    assert ev.parse_judge_reply('```json\n{"rationale": "r", "judgement": "Incorrect "}\n```') == "incorrect"
-    assert ev.parse_judge_reply('Sure! {"rationale": "r", "judgement": "correct"} Hope this helps') == "correct"
+    assert judging.parse_judge_reply(JUDGE_OK) == "correct"
+    assert judging.parse_judge_reply('```json\n{"rationale": "r", "judgement": "Incorrect "}\n```') == "incorrect"
+    assert judging.parse_judge_reply('Sure! {"rationale": "r", "judgement": "correct"} Hope this helps') == "correct"
     for bad in ['{"judgement": "maybe"}', '{"rationale": "r"}', "correct", "[1, 2]", "", '{"judgement": "corr']:
-        assert ev.parse_judge_reply(bad) is None
+        assert judging.parse_judge_reply(bad) is None
     # The paper's prompt: gold answers as a Python list repr, braces kept literally.
-    assert "ground truth answers: ['Paris', 'City of Light']\npred_answer: x\n" in ev.JUDGE_PROMPT.replace(
+    assert "ground truth answers: ['Paris', 'City of Light']\npred_answer: x\n" in judging.JUDGE_PROMPT.replace(
         "{gt_answer}", str(["Paris", "City of Light"])).replace("{pred_answer}", "x")
-    assert ev.JUDGE_PROMPT.endswith('can only be \'correct\' or \'incorrect\'"\n}\n```\n\nYour output:')
+    assert judging.JUDGE_PROMPT.endswith('can only be \'correct\' or \'incorrect\'"\n}\n```\n\nYour output:')
 
 
 def test_api_text_to_ids(tokenizer):
     eos = tokenizer.eos_token_id
     enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     # transformers serve returns the stop string; vLLM names it (stop_reason); OpenAI only says "stop"
-    assert ev.api_ids_from_text(" <search> x </search>", "stop", None, tokenizer, eos) == enc(" <search> x </search>")
-    assert ev.api_ids_from_text(" <search> x ", "stop", "</search>", tokenizer, eos) == enc(" <search> x </search>")
-    assert ev.api_ids_from_text(" <search> x ", "stop", None, tokenizer, eos) == enc(" <search> x </search>")
-    assert ev.api_ids_from_text(" <answer> y </answer>", "stop", None, tokenizer, eos) == enc(" <answer> y </answer>") + [eos]
-    assert ev.api_ids_from_text(" <search> x ", "stop", eos, tokenizer, eos) == enc(" <search> x ") + [eos]  # SGLang: EOS id
-    assert ev.api_ids_from_text(" abc", "length", None, tokenizer, eos) == enc(" abc")
+    assert api.api_ids_from_text(" <search> x </search>", "stop", None, tokenizer, eos) == enc(" <search> x </search>")
+    assert api.api_ids_from_text(" <search> x ", "stop", "</search>", tokenizer, eos) == enc(" <search> x </search>")
+    assert api.api_ids_from_text(" <search> x ", "stop", None, tokenizer, eos) == enc(" <search> x </search>")
+    assert api.api_ids_from_text(" <answer> y </answer>", "stop", None, tokenizer, eos) == enc(" <answer> y </answer>") + [eos]
+    assert api.api_ids_from_text(" <search> x ", "stop", eos, tokenizer, eos) == enc(" <search> x ") + [eos]  # SGLang: EOS id
+    assert api.api_ids_from_text(" abc", "length", None, tokenizer, eos) == enc(" abc")
 
 
 def test_read_predictions_tolerates_only_a_truncated_last_line(tmp_path):
     p = tmp_path / "predictions.jsonl"
     p.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "predic')
-    assert list(ev.read_predictions(p)) == ["a", "b"]
+    assert list(resume.read_predictions(p)) == ["a", "b"]
     assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'  # cut, so appending continues cleanly
     p.write_text('{"id": "a"}\n{"id": "b"}')  # complete but unterminated: kept, and terminated
-    assert list(ev.read_predictions(p)) == ["a", "b"] and p.read_text().endswith("}\n")
+    assert list(resume.read_predictions(p)) == ["a", "b"] and p.read_text().endswith("}\n")
     p.write_text('{"id": "a"}\n{"id": "b"\n{"id": "c"}\n')
     with pytest.raises(utils.ReSearchError, match=r"predictions.jsonl:2"):
-        ev.read_predictions(p)
+        resume.read_predictions(p)
     p.write_text('{"id": "a"}\n{"id": "a"}\n')
     with pytest.raises(utils.ReSearchError, match="duplicate id"):
-        ev.read_predictions(p)
+        resume.read_predictions(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,17 +203,17 @@ def scripted_model_dir(tmp_path_factory, tokenizer, mini_index):
     ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     search = utils.load_retriever(mini_index)
     block = utils.format_result_block(search(["Scott Derrickson"], 3)[0], 30)
-    judge_prompt = (ev.JUDGE_PROMPT.replace("{question}", FRANCE["question"])
+    judge_prompt = (judging.JUDGE_PROMPT.replace("{question}", FRANCE["question"])
                     .replace("{gt_answer}", str(FRANCE["golden_answers"])).replace("{pred_answer}", "Paris"))
     # (ids, trained?) pieces, laid out exactly as evaluation builds them
     seqs = [
-        [(utils.encode_prompt(utils.build_prompt(Q1, tok), tok), 0),
+        [(utils.encode(utils.build_prompt(Q1, tok), tok), 0),
          (ids(" <think> I need his nationality. </think> <search> Scott Derrickson </search>"), 1), (ids(block), 0),
          (ids(" <think> Both are American. </think> <answer> The final answer is \\[ \\boxed{yes} \\] </answer>")
           + [tok.eos_token_id], 1)],
-        [(utils.encode_prompt(ev.chat_or_plain(ev.NAIVE_GEN_SYSTEM, f"Question: {FRANCE['question']}", tok, "auto"), tok), 0),
+        [(utils.encode(ev.chat_or_plain(ev.NAIVE_GEN_SYSTEM, f"Question: {FRANCE['question']}", tok, "auto"), tok), 0),
          (ids("Paris") + [tok.eos_token_id], 1)],
-        [(utils.encode_prompt(tok.apply_chat_template([{"role": "user", "content": judge_prompt}], tokenize=False,
+        [(utils.encode(tok.apply_chat_template([{"role": "user", "content": judge_prompt}], tokenize=False,
                                                       add_generation_prompt=True), tok), 0),
          (ids(JUDGE_OK) + [tok.eos_token_id], 1)],
     ]
@@ -221,14 +297,14 @@ def judge_args(url, model, **kw):
 # The judge against the real server
 # ---------------------------------------------------------------------------------------------
 def test_judge_client_real_server(server, scripted_model_dir, tiny_model_dir):
-    ok = ev.make_judge(judge_args(server, scripted_model_dir))(FRANCE["question"], FRANCE["golden_answers"], "Paris")
+    ok = judging.make_judge(judge_args(server, scripted_model_dir))(FRANCE["question"], FRANCE["golden_answers"], "Paris")
     assert ok["status"] == "ok" and ok["judgement"] == "correct" and ok["raw"] == JUDGE_OK
     # A random model answers garbage: retried, then reported failed with the raw reply kept.
-    bad = ev.make_judge(judge_args(server, tiny_model_dir))(FRANCE["question"], FRANCE["golden_answers"], "Paris")
+    bad = judging.make_judge(judge_args(server, tiny_model_dir))(FRANCE["question"], FRANCE["golden_answers"], "Paris")
     assert bad["status"] == "failed" and bad["judgement"] is None and bad["error_kind"] == "unparseable"
     assert isinstance(bad["raw"], str)
     # An empty prediction is wrong without a call; a server that is down fails with a clear error.
-    down = ev.make_judge(judge_args(f"http://127.0.0.1:{free_port()}/v1", "m"))
+    down = judging.make_judge(judge_args(f"http://127.0.0.1:{free_port()}/v1", "m"))
     assert down("q", ["a"], "")["judgement"] == "incorrect"
     res = down("q", ["a"], "b")
     assert res["status"] == "failed" and res["error_kind"] == "connection" and "Connection" in res["error"]
@@ -247,7 +323,7 @@ def test_every_method_writes_its_row(tmp_path, scripted_model_dir, mini_index):
                "--batch_size", "2", "--output_dir", out)
     res = json.loads((out / "results.json").read_text())
     table = (out / "results.md").read_text()
-    assert res["header"]["corpus"].endswith("data/mini/corpus.jsonl") and res["header"]["topk"] == 3
+    assert res["header"]["corpus"].endswith("data/mini/corpus.jsonl") and res["search"]["topk"] == 3
     for m, row in ev.ROW_NAMES.items():
         recs = read_jsonl(out / m / "mini_hotpotqa_dev" / "predictions.jsonl")
         first3 = [json.loads(line)["id"] for line in open(ROOT / "data/mini/hotpotqa_dev.jsonl")][:3]
@@ -258,15 +334,15 @@ def test_every_method_writes_its_row(tmp_path, scripted_model_dir, mini_index):
         cell = res["cells"][m]["mini_hotpotqa_dev"]
         assert cell["n"] == 3 and cell["lj"] is None
         assert cell["em"] == pytest.approx(100 * sum(r["em"] for r in recs) / 3)
-        assert table.count(f"| {row} |") == 2  # the paper-shaped table and the detail table
+        assert table.count(f"| {row} |") == 1
     research = read_jsonl(out / "research" / "mini_hotpotqa_dev" / "predictions.jsonl")[0]
     assert research["prediction"] == "yes" and research["em"] == 1 and research["format_ok"] is True
     assert research["num_searches"] == 1
-    assert research["trajectory"]["searches"][0]["query"] == "Scott Derrickson"
-    assert research["trajectory"]["searches"][0]["titles"][0] == "Scott Derrickson"
+    assert research["trajectory"]["queries"] == ["Scott Derrickson"]
+    assert research["trajectory"]["titles"][0][0] == "Scott Derrickson"
     assert res["cells"]["naive-rag"]["mini_hotpotqa_dev"]["mean_searches"] == 1
     assert res["cells"]["iter-retgen"]["mini_hotpotqa_dev"]["mean_searches"] == 3
-    assert 1 <= res["cells"]["ircot"]["mini_hotpotqa_dev"]["mean_searches"] <= 5
+    assert 1 <= res["cells"]["ircot"]["mini_hotpotqa_dev"]["mean_searches"] <= 6  # the question + up to 5 thoughts
     assert res["cells"]["research"]["mini_hotpotqa_dev"]["format_valid"] == pytest.approx(100 / 3)
 
 
@@ -307,7 +383,7 @@ def test_api_backend_and_judge_in_the_script(tmp_path, server, scripted_model_di
     qfile = tmp_path / "q.jsonl"
     first = json.loads(open(ROOT / "data/mini/hotpotqa_dev.jsonl").readline())
     qfile.write_text(json.dumps(FRANCE) + "\n" + json.dumps(first) + "\n")
-    out, tag = tmp_path / "ev", ev.dataset_spec(str(qfile), "dev")[2]
+    out, tag = tmp_path / "ev", f"{qfile.parent.name}_q"
     common = ["04_eval.py", "--model", scripted_model_dir, "--backend", "api", "--api_base_url", server,
               "--retriever", mini_index, *CPU, "--methods", "naive-gen", "research", "--datasets", qfile,
               "--output_dir", out, "--judge_model", scripted_model_dir, "--judge_retries", "2",
@@ -331,7 +407,7 @@ def test_api_backend_and_judge_in_the_script(tmp_path, server, scripted_model_di
     assert gen2[0]["judge"]["status"] == "ok" and gen2[0]["judge"]["judgement"] == "correct"
     cell = json.loads((out / "results.json").read_text())["cells"]["naive-gen"][tag]
     correct = sum(r["judge"]["judgement"] == "correct" for r in gen2)
-    assert cell["lj"] == pytest.approx(100 * correct / 2) and cell["judge_correct"] == correct >= 1
+    assert cell["lj"] == pytest.approx(100 * correct / 2) and correct >= 1
     assert cell["judge_failed"] == sum(r["judge"]["status"] == "failed" for r in gen2)
 
 
@@ -349,7 +425,7 @@ def test_user_errors(tmp_path, tiny_model_dir):
     p = run("04_eval.py", "--model", tiny_model_dir, "--datasets", broken, check=False)
     assert p.returncode == 2 and f"{broken}:2" in p.stderr
     p = run("04_eval.py", "--methods", "self-rag", check=False)
-    assert p.returncode == 2 and "unknown ['self-rag']" in p.stderr
+    assert p.returncode == 2 and "--methods ['self-rag']" in p.stderr and "the methods are" in p.stderr
     assert not (ROOT / "runs" / "eval" / Path(tiny_model_dir).name).exists()  # nothing written
 
 

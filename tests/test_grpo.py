@@ -19,6 +19,8 @@ import utils
 from conftest import ROOT, load_stage, run_script
 from test_rollout import word_search
 
+fast_rollout = __import__("extras.fast_rollout", fromlist=["fast_rollout"])  # --fast_rollout
+
 SEARCH_Q = "Q: Ed Wood's nationality?"
 DIRECT_Q = "Q: 2 + 2?"
 TURN1 = " <think> Look up. </think> <search> Ed Wood </search>"
@@ -74,15 +76,15 @@ def search_model_dir(tiny_model_dir, tokenizer, tmp_path_factory):
     return str(out)
 
 
-@pytest.mark.parametrize("reuse_cache,per_call", [(True, 0), (False, 0), (True, 15), (True, 5)])
-def test_hf_backend_follows_the_script_token_for_token(search_model_dir, tokenizer, reuse_cache, per_call):
+@pytest.mark.parametrize("fast,per_call", [(False, 0), (True, 0), (False, 15), (True, 15), (True, 5)])
+def test_hf_backend_follows_the_script_token_for_token(search_model_dir, tokenizer, fast, per_call):
     """Real Hugging Face generate: both rows generate together, the searching row stops at </search>
     (stop string) while the other runs on to EOS and is padded; the ids are the model's own. The same
-    with the KV cache kept across calls, and with calls cut every few tokens (15 cuts " </search>"
-    after " </": the stop straddles two calls)."""
+    with the KV cache kept across calls (--fast_rollout), and with calls cut every few tokens (15 cuts
+    " </search>" after " </": the stop straddles two calls)."""
     model = utils.load_model(search_model_dir, device="cpu")
     calls = []
-    generate = utils.hf_generate_fn(model, tokenizer, do_sample=False, reuse_cache=reuse_cache)
+    generate = utils.hf_generate_fn(model, tokenizer, fast=fast)
 
     def spy(contexts, n):
         calls.append(len(contexts))
@@ -100,12 +102,13 @@ def test_hf_backend_follows_the_script_token_for_token(search_model_dir, tokeniz
 
 
 def test_hf_cache_reuse_changes_nothing_but_time(tiny_model, tokenizer):
-    """Greedy rollouts of the random tiny model, cut into many calls: identical ids with and without
-    the KV cache kept across calls (three prompts of different lengths: left padding and holes)."""
+    """Greedy rollouts of the random tiny model, cut into many calls: identical ids from the plain generate
+    and from --fast_rollout's, which keeps the KV cache across calls (three prompts of different lengths:
+    left padding and holes)."""
     prompts = [enc(q, tokenizer) for q in ("Question: who?", DIRECT_Q, SEARCH_Q + " Think step by step, please.")]
     out = {}
     for reuse in (False, True):
-        generate = utils.hf_generate_fn(tiny_model, tokenizer, do_sample=False, reuse_cache=reuse)
+        generate = utils.hf_generate_fn(tiny_model, tokenizer, fast=reuse)
         rows = utils.search_rollout(prompts, generate, word_search(), tokenizer, {tokenizer.eos_token_id},
                                     max_completion_length=40, topk=2, max_new_tokens_per_call=7)
         out[reuse] = [r.completion_ids for r in rows]
@@ -114,7 +117,7 @@ def test_hf_cache_reuse_changes_nothing_but_time(tiny_model, tokenizer):
 
 @pytest.mark.parametrize("per_call", [0, 5])
 def test_result_blocks_prefilled_alone_change_nothing(search_model_dir, tokenizer, monkeypatch, per_call):
-    """Rows resuming after a result block prefill it in a forward of their own (utils.PREFILL_ALONE),
+    """Rows resuming after a result block prefill it in a forward of their own (fast_rollout.PREFILL_ALONE),
     not padded inside the batched call: the taught model's rollouts (one row searches, one answers at
     once; calls whole or cut every 5 tokens) follow its script token for token whether blocks are
     prefilled alone (threshold 0: every row with two or more new ids), by the default rule, or never.
@@ -123,9 +126,9 @@ def test_result_blocks_prefilled_alone_change_nothing(search_model_dir, tokenize
     prompts = [enc(q, tokenizer) for q in (SEARCH_Q, DIRECT_Q)]
     out, forwards = {}, {}
     model.register_forward_pre_hook(lambda *a: forwards.__setitem__(alone, forwards.get(alone, 0) + 1))
-    for alone in (10**9, 0, utils.PREFILL_ALONE):
-        monkeypatch.setattr(utils, "PREFILL_ALONE", alone)
-        generate = utils.hf_generate_fn(model, tokenizer, do_sample=False)
+    for alone in (10**9, 0, fast_rollout.PREFILL_ALONE):
+        monkeypatch.setattr(fast_rollout, "PREFILL_ALONE", alone)
+        generate = utils.hf_generate_fn(model, tokenizer, fast=True)
         rows = utils.search_rollout(prompts, generate, word_search(), tokenizer, utils.eos_token_ids(tokenizer, model),
                                     max_completion_length=300, topk=SEARCH_ARGS.topk, max_new_tokens_per_call=per_call)
         out[alone] = [(r.completion_ids, r.mask) for r in rows]
@@ -133,7 +136,57 @@ def test_result_blocks_prefilled_alone_change_nothing(search_model_dir, tokenize
     for alone in out:
         assert out[alone] == [scripted_completion(tokenizer, q) for q in (SEARCH_Q, DIRECT_Q)], alone
     # the forwards of their own happened: one per call that resumed rows after a block
-    assert forwards[0] > forwards[10**9] and forwards[utils.PREFILL_ALONE] > forwards[10**9], forwards
+    assert forwards[0] > forwards[10**9] and forwards[fast_rollout.PREFILL_ALONE] > forwards[10**9], forwards
+
+def _two_rank_worker(rank, model_dir, port, out_dir):
+    """One of two gloo ranks: a fast-rollout search loop in lock-step, counting the forwards made outside
+    model.generate (a block prefilled alone). Rank 0's question searches (it resumes after a block), rank 1's
+    does not: a forward of rank 0's own would deadlock ZeRO-3 / FSDP, where every forward is collective."""
+    import json
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    tok, model = utils.load_tokenizer(model_dir), utils.load_model(model_dir, device="cpu")
+    inside, outside = [False], [0]
+    real_generate = model.generate
+
+    def generate(*a, **k):
+        inside[0] = True
+        try:
+            return real_generate(*a, **k)
+        finally:
+            inside[0] = False
+
+    model.generate = generate
+    model.register_forward_pre_hook(lambda *a: outside.__setitem__(0, outside[0] + (not inside[0])))
+
+    def any_rank_active(local: bool) -> bool:
+        flag = torch.tensor([float(local)])
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    fast_rollout.PREFILL_ALONE = 0  # every resumed row would qualify for a forward of its own
+    q = (SEARCH_Q, DIRECT_Q)[rank]
+    rows = utils.search_rollout([enc(q, tok)], utils.hf_generate_fn(model, tok, fast=True), word_search(), tok,
+                                utils.eos_token_ids(tok, model), max_completion_length=300, topk=1,
+                                any_rank_active=any_rank_active)
+    (out_dir / f"{rank}.json").write_text(json.dumps({"outside": outside[0], "ids": rows[0].completion_ids}))
+    dist.destroy_process_group()
+
+
+def test_no_forward_of_one_rank_alone_under_two_ranks(search_model_dir, tokenizer, tmp_path):
+    """Before the fix, the rank resuming after a block made a prefill forward the other rank did not make."""
+    import json
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(search_model_dir, port, tmp_path), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert [g["outside"] for g in got] == [0, 0]
+    assert [g["ids"] for g in got] == [scripted_completion(tokenizer, q)[0] for q in (SEARCH_Q, DIRECT_Q)]
+
 
 def make_trainer(grpo, model_dir, tokenizer, out_dir, **config):
     import transformers
@@ -219,9 +272,9 @@ def test_two_step_run_writes_checkpoint_logs_trajectories_and_resumes(tiny_model
     steps, traj_steps, traj = logged()
     assert steps == [1, 2] and traj_steps == [1, 1, 2, 2]
     for t in traj:
-        assert {"step", "prompt", "completion", "reward", "f1", "format_ok", "num_searches", "num_model_tokens",
-                "num_retrieved_tokens"} <= set(t)
-        assert t["num_model_tokens"] + t["num_retrieved_tokens"] <= 32
+        assert {"step", "question", "completion", "reward", "f1", "format_ok", "advantage", "num_searches",
+                "completion_ids", "mask_runs"} <= set(t)
+        assert sum(n for _, n in t["mask_runs"]) == len(t["completion_ids"]) <= 32
 
     # Kill after step 2 was logged but before checkpoint-2 was written: the same command resumes from
     # checkpoint-1, and the logs continue from step 1 instead of restarting or repeating step 2.
@@ -234,13 +287,18 @@ def test_two_step_run_writes_checkpoint_logs_trajectories_and_resumes(tiny_model
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "reward" in h] == [1, 2]
 
-    # the same folder with other search settings is not resumed silently
-    p = run_script(*cmd, "--topk", "5", check=False)
-    assert p.returncode == 2 and "--topk 3 -> 5" in p.stderr
+    # the same folder with other settings is refused with the setting named, not resumed or crashed deep in
+    # Trainer (use_lora, learning rate, beta, loss_type and dtype were not checked before)
+    for flag, value, shown in (("--topk", "5", "--topk 3 -> 5"), ("--use_lora", "true", "--use_lora False -> True"),
+                               ("--learning_rate", "3e-5", "--learning_rate 1e-05 -> 3e-05"),
+                               ("--beta", "0.01", "--beta 0.001 -> 0.01"), ("--loss_type", "grpo", "--loss_type"),
+                               ("--dtype", "bfloat16", "--dtype 'auto' -> 'bfloat16'")):
+        p = run_script(*cmd, flag, value, check=False)
+        assert p.returncode == 2 and shown in p.stderr and "Traceback" not in p.stderr, (flag, p.stderr[-2000:])
 
-    # curves (the --plot command runs this function; its command line is tested below)
-    (out / "training_curves.png").unlink()
-    load_script().plot_run(str(out))
+    # the token view of the trajectories, written at the end; the curves, from the run's logs
+    assert "trajectories.jsonl (4 rollouts)" in (out / "trajectories.html").read_text()
+    run_script("extras/plot_curves.py", out)
     assert (out / "training_curves.png").stat().st_size > 10_000
 
 
@@ -253,7 +311,7 @@ def test_two_process_run_keeps_ranks_in_lock_step(search_model_dir, tokenizer, m
     import transformers
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(search_model_dir)
-    pairs = [(utils.encode_prompt(utils.build_prompt(q, tokenizer), tokenizer), enc(c, tokenizer) + [tokenizer.eos_token_id])
+    pairs = [(utils.encode(utils.build_prompt(q, tokenizer), tokenizer), enc(c, tokenizer) + [tokenizer.eos_token_id])
              for q, c in ((SEARCH_Q, TURN1), (DIRECT_Q, DIRECT))]  # turn 1 only: after the block it improvises
     teach(model, pairs)
     model.save_pretrained(tmp_path / "model")
@@ -278,11 +336,12 @@ def test_two_process_run_keeps_ranks_in_lock_step(search_model_dir, tokenizer, m
     # every step one rank waited: mean over the two ranks of their idle calls >= 0.5
     traj = [json.loads(x) for x in (out / "trajectories.jsonl").read_text().splitlines()]
     assert all(m["search/idle_generate_calls"] >= 0.5 for m in steps), [(t["question"], t["completion"]) for t in traj]
-    assert {t["question"] for t in traj} == {SEARCH_Q, DIRECT_Q}  # the main process writes both ranks' rows
+    # the main process writes its own rows only; TRL's seeded sampler gives it each question in one of the steps
+    assert {t["question"] for t in traj} == {SEARCH_Q, DIRECT_Q}
 
 
 def test_bad_input_fails_clearly(tmp_path, tokenizer):
-    p = run_script("03_grpo_search.py", "--plot", tmp_path, check=False)
+    p = run_script("extras/plot_curves.py", tmp_path, check=False)
     assert p.returncode == 2 and "metrics.jsonl" in p.stderr and "Traceback" not in p.stderr
     grpo = load_script()
     with pytest.raises(utils.ReSearchError, match="missing.jsonl"):

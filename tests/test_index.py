@@ -17,6 +17,8 @@ import pytest
 from conftest import ROOT, load_build_index_module, run_script
 import utils
 
+bi = load_build_index_module()  # 01_build_index.py: the index, its loader and its limits
+
 CORPUS = ROOT / "data" / "mini" / "corpus.jsonl"
 DEV = ROOT / "data" / "mini" / "hotpotqa_dev.jsonl"
 QUESTION = "Were Scott Derrickson and Ed Wood of the same nationality?"
@@ -45,7 +47,7 @@ def leftovers(folder):
 def test_recall_on_mini_hotpotqa_dev(mini_index):
     """The acceptance bar: a gold passage in the top 5 for >= 90% of the 500 questions, both golds
     for >= 45% (measured: 95.6% and 52.0% with the default english stemmer + en stopwords)."""
-    search = utils.load_local_retriever(mini_index)
+    search = bi.load_index(mini_index)
     rows = [json.loads(l) for l in DEV.read_text().splitlines()]
     results = search([r["question"] for r in rows], 5)
     any_gold = both_gold = 0
@@ -61,21 +63,29 @@ def test_recall_on_mini_hotpotqa_dev(mini_index):
 
 
 def test_streamed_build_equals_bm25s_own_index(tmp_path, monkeypatch):
-    """Chunked tokenisation + the disk-spilled counting sort (forced into many chunks and slices here)
-    give bm25s's own BM25(method="lucene").index() matrix, and bm25s.BM25.load reads the folder."""
+    """--low_memory (extras/streamed_bm25.py): chunked tokenisation + the disk-spilled counting sort (forced
+    into many chunks and slices here) give bm25s's own BM25(method="lucene").index() matrix, which the
+    default build writes, and bm25s.BM25.load reads the folder."""
     import bm25s
+    streamed = __import__("extras.streamed_bm25", fromlist=["streamed_bm25"])
     lines = CORPUS.read_text(encoding="utf-8").splitlines()[:3000]
     lines.insert(5, json.dumps({"id": "empty", "contents": ""}))  # a passage with no words
     corpus = write_lines(tmp_path / "c.jsonl", lines)
     mod = load_build_index_module()
-    monkeypatch.setattr(mod, "PAIRS_PER_SLICE", 10_000)
-    args = mod.IndexArguments(corpus=str(corpus), index_dir=str(tmp_path / "ix"), chunk_passages=700)
+    monkeypatch.setattr(streamed, "PAIRS_PER_SLICE", 10_000)
+    args = mod.IndexArguments(corpus=str(corpus), index_dir=str(tmp_path / "ix"), chunk_passages=700, low_memory=True)
     mod.build_index(args)
-    manifest = utils.read_manifest(tmp_path / "ix")
+    default = build_in_process(tmp_path, corpus, "default")  # the in-memory build: the same files
+    assert (default / "passages.jsonl").read_bytes() == (tmp_path / "ix" / "passages.jsonl").read_bytes()
+    for f in ("indices.csc.index.npy", "indptr.csc.index.npy"):
+        assert np.array_equal(np.load(default / f), np.load(tmp_path / "ix" / f)), f
+    np.testing.assert_allclose(np.load(default / "data.csc.index.npy"), np.load(tmp_path / "ix" / "data.csc.index.npy"),
+                               rtol=1e-6)
+    manifest = bi.read_manifest(tmp_path / "ix")
     assert manifest["num_passages"] == 3001 and manifest["num_postings"] > 10 * 10_000
     vocab = json.loads((tmp_path / "ix" / "vocab.index.json").read_text())
     texts = [json.loads(l)["contents"] for l in lines]
-    ids = [[vocab[t] for t in doc] for doc in utils.bm25_tokenize(texts, manifest)]
+    ids = [[vocab[t] for t in doc] for doc in bi.bm25_tokenize(texts, manifest)]
     ref = bm25s.BM25(method="lucene", k1=1.5, b=0.75)
     ref.index((ids, vocab), create_empty_token=False, show_progress=False)
     mine = bm25s.BM25.load(str(tmp_path / "ix"), mmap=True)
@@ -83,7 +93,7 @@ def test_streamed_build_equals_bm25s_own_index(tmp_path, monkeypatch):
     assert np.array_equal(ref.scores["indices"], mine.scores["indices"])
     np.testing.assert_allclose(ref.scores["data"], mine.scores["data"], rtol=1e-6)
     # The passages come back verbatim, by offset.
-    search = utils.load_local_retriever(tmp_path / "ix")
+    search = bi.load_index(tmp_path / "ix")
     top = search([json.loads(lines[2999])["contents"]], 1)[0][0]
     assert top == {"id": json.loads(lines[2999])["id"], "contents": json.loads(lines[2999])["contents"]}
 
@@ -94,18 +104,18 @@ def test_gz_and_title_text_corpora(tmp_path):
     gz = tmp_path / "c.jsonl.gz"
     gz.write_bytes(gzip.compress(plain.read_bytes() + b"\n"))  # and a trailing blank line
     a, b = build_in_process(tmp_path, plain, "a"), build_in_process(tmp_path, gz, "b")
-    assert utils.read_manifest(b)["corpus_sha256"] == utils.file_sha256(gz)
-    assert utils.read_manifest(b)["num_passages"] == 300
+    assert bi.read_manifest(b)["corpus_sha256"] == bi.file_sha256(gz)
+    assert bi.read_manifest(b)["num_passages"] == 300
     for f in ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy", "passages.jsonl"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     # {"id", "title", "text"} lines index as '"Title"\ntext'
     tt = write_lines(tmp_path / "tt.jsonl", [json.dumps({"id": 7, "title": "Ed Wood", "text": "American filmmaker."})])
-    search = utils.load_local_retriever(build_in_process(tmp_path, tt, "tt"))
+    search = bi.load_index(build_in_process(tmp_path, tt, "tt"))
     assert search(["filmmaker"], 3) == [[{"id": "7", "contents": '"Ed Wood"\nAmerican filmmaker.'}]]
 
 
 def test_search_edge_cases(mini_index):
-    search = utils.load_local_retriever(mini_index)
+    search = bi.load_index(mini_index)
     assert search([], 5) == []
     assert search(["", "   ", "the of and", "qwxzqwxz"], 5) == [[], [], [], []]  # nothing to match: []
     huge = (QUESTION + " ") * 5000  # 300k characters: cut to MAX_QUERY_CHARS, answered
@@ -113,7 +123,7 @@ def test_search_edge_cases(mini_index):
     rows = search.scored([QUESTION], 5)[0]
     assert [s for _, s in rows] == sorted((s for _, s in rows), reverse=True)
     assert rows[0][0]["contents"].startswith('"Scott Derrickson"')
-    for k in (0, -1, utils.MAX_TOPK + 1, 2.5, True):
+    for k in (0, -1, bi.MAX_TOPK + 1, 2.5, True):
         with pytest.raises(utils.ReSearchError, match="top-k"):
             search([QUESTION], k)
 
@@ -130,7 +140,7 @@ def test_query_cli(mini_index):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--index_dir", "{tmp}/nowhere", "--query", "x"], "no index folder"),
+    (["--index_dir", "{tmp}/nowhere", "--query", "x"], "not a finished index"),
     (["--index_dir", "{tmp}/half", "--query", "x"], "not a finished index"),
     (["--index_dir", "{index}", "--query", "x", "--topk", "0"], "--topk must be"),
     (["--index_dir", "{index}"], "nothing to do"),
@@ -169,18 +179,18 @@ def test_bad_corpus_leaves_nothing_and_keeps_old_index(tmp_path):
     gz.write_bytes(gzip.compress(good.read_bytes())[:-30])
     p = run_script("01_build_index.py", "--corpus", gz, "--index_dir", tmp_path / "new", check=False)
     assert p.returncode == 2 and "trunc.jsonl.gz" in p.stderr and not (tmp_path / "new").exists()
-    utils.load_local_retriever(ix)  # still loads
+    bi.load_index(ix)  # still loads
 
 
 def test_rebuild_skip_overwrite_and_refuse(tmp_path):
     corpus = write_lines(tmp_path / "c.jsonl", CORPUS.read_text(encoding="utf-8").splitlines()[:50])
     ix = tmp_path / "ix"
     run_script("01_build_index.py", "--corpus", corpus, "--index_dir", ix)
-    built_at = utils.read_manifest(ix)["built_at"], (ix / "manifest.json").stat().st_mtime_ns
+    built_at = bi.read_manifest(ix)["built_at"], (ix / "manifest.json").stat().st_mtime_ns
     p = run_script("01_build_index.py", "--corpus", corpus, "--index_dir", ix)
     assert "up-to-date" in p.stderr and (ix / "manifest.json").stat().st_mtime_ns == built_at[1]
     p = run_script("01_build_index.py", "--corpus", corpus, "--index_dir", ix, "--stemmer", "none")
-    assert utils.read_manifest(ix)["stemmer"] == "" and leftovers(tmp_path) == []  # settings changed: rebuilt
+    assert bi.read_manifest(ix)["stemmer"] == "" and leftovers(tmp_path) == []  # settings changed: rebuilt
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
@@ -189,9 +199,10 @@ def test_rebuild_skip_overwrite_and_refuse(tmp_path):
 
 
 def test_missing_index_and_dead_server_raise_clear_errors(tmp_path):
-    with pytest.raises(utils.ReSearchError, match="no index folder"):
+    with pytest.raises(utils.ReSearchError, match="not a finished index"):
         utils.load_retriever(str(tmp_path / "nowhere"))
-    dead = utils.http_retriever("http://127.0.0.1:9", timeout=2, retries=1)  # port 9: discard, closed
+    server_module = __import__("extras.retrieval_server", fromlist=["retrieval_server"])
+    dead = server_module.http_retriever("http://127.0.0.1:9", timeout=2, retries=1)  # port 9: discard, closed
     with pytest.raises(utils.ReSearchError, match="failed after 1 tries"):
         dead(["x"], 3)
 
@@ -203,8 +214,7 @@ def test_missing_index_and_dead_server_raise_clear_errors(tmp_path):
 def server(mini_index):
     """The real server on a free port (--port 0), stopped at the end; `timeout` bounds its life
     even if this test process dies."""
-    cmd = [sys.executable, "01_build_index.py", "--index_dir", mini_index, "--serve", "--port", "0",
-           "--max_request_bytes", "200000", "--max_batch_queries", "64"]
+    cmd = [sys.executable, "01_build_index.py", "--index_dir", mini_index, "--serve", "--port", "0"]
     if shutil.which("timeout"):
         cmd = ["timeout", "300"] + cmd
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -230,7 +240,7 @@ def post(url, payload, raw=None):
 
 def test_server_both_apis_match_local_search(server, mini_index):
     assert server.startswith("http://127.0.0.1:")  # loopback unless --host says otherwise
-    local = utils.load_local_retriever(mini_index)
+    local = bi.load_index(mini_index)
     queries = [QUESTION, "Ed Wood", ""]
     want = local.scored(queries, 3)
     docs = [[p for p, _ in row] for row in want]
@@ -261,16 +271,16 @@ def test_server_rejects_bad_requests_and_stays_up(server):
         ("/batch_search", {"query": ["a"], "top_n": -2}, None, 400),
         ("/batch_search", {"query": ["a"], "top_n": "5"}, None, 400),
         ("/search", {"query": ["a"]}, None, 400),
-        ("/search", {"query": "a", "top_n": utils.MAX_TOPK + 1}, None, 400),
+        ("/search", {"query": "a", "top_n": bi.MAX_TOPK + 1}, None, 400),
         ("/nowhere", {"query": "a"}, None, 404),
-        ("/retrieve", None, b'{"queries": ["' + b"x" * 300_000 + b'"]}', 413),  # body over 200 kB
-        ("/batch_search", {"query": ["a"] * 65}, None, 413),  # over --max_batch_queries 64
+        ("/retrieve", None, b'{"queries": ["' + b"x" * 1_100_000 + b'"]}', 413),  # body over 1 MB
+        ("/batch_search", {"query": ["a"] * 1025}, None, 413),  # over MAX_BATCH_QUERIES 1024
     ]
     for path, payload, raw, code in cases:
         got, body = post(server + path, payload, raw)
         assert got == code and "error" in body, (path, payload, got, body)
     with pytest.raises(utils.ReSearchError, match="413"):
-        utils.load_retriever(server)(["y"] * 65, 3)  # the client surfaces it clearly
+        utils.load_retriever(server)(["y"] * 1025, 3)  # the client surfaces it clearly
     with pytest.raises(utils.ReSearchError, match="top-k"):
         utils.load_retriever(server)(["a"], 0)
     # a huge query inside the size limit is cut and answered
@@ -281,7 +291,7 @@ def test_server_rejects_bad_requests_and_stays_up(server):
 
 def test_server_concurrent_clients(server, mini_index):
     rows = [json.loads(l)["question"] for l in DEV.read_text().splitlines()[:40]]
-    want = utils.load_local_retriever(mini_index)(rows, 3)
+    want = bi.load_index(mini_index)(rows, 3)
     got = [None] * len(rows)
 
     def worker(i):
@@ -299,6 +309,6 @@ def test_server_concurrent_clients(server, mini_index):
 def test_ties_break_by_corpus_order(tmp_path):
     lines = [json.dumps({"id": f"p{i}", "contents": '"Same"\nEd Wood film'}) for i in range(10)]
     lines.append(json.dumps({"id": "best", "contents": '"Ed Wood"\nEd Wood Ed Wood film'}))
-    search = utils.load_local_retriever(build_in_process(tmp_path, write_lines(tmp_path / "c.jsonl", lines)))
+    search = bi.load_index(build_in_process(tmp_path, write_lines(tmp_path / "c.jsonl", lines)))
     assert [p["id"] for p in search(["Ed Wood film"], 4)[0]] == ["best", "p0", "p1", "p2"]
     assert len(search(["Ed Wood film"], 50)[0]) == 11  # k above the matches: every match, no error

@@ -15,6 +15,7 @@ from conftest import ROOT, load_stage, run_script
 import utils
 
 sft = load_stage("02_sft_warmup.py", "sft_warmup")
+rejection = __import__("extras.rejection_sampling", fromlist=["rejection_sampling"])  # --source rollouts
 
 TRAIN = utils.read_jsonl(ROOT / "data" / "mini" / "train.jsonl")
 # 2 HotpotQA bridge rows, MuSiQue 2-hop rows and a 4-hop row with #1/#2/#3 references.
@@ -82,7 +83,7 @@ def test_supervision_trajectories_are_the_grpo_rollouts_ids_and_mask(built, toke
     rollouts = replay(records, tokenizer, SEARCH)
     for rec, ro in zip(records, rollouts):
         p = rec["num_prompt_tokens"]
-        prompt = utils.encode_prompt(utils.build_prompt(rec["question"], tokenizer), tokenizer)
+        prompt = utils.encode(utils.build_prompt(rec["question"], tokenizer), tokenizer)
         assert rec["input_ids"][:p] == prompt
         # Same ids (no re-tokenisation drift at any segment boundary) and the same loss mask.
         assert rec["input_ids"][p:] == ro.completion_ids
@@ -94,10 +95,10 @@ def test_supervision_trajectories_are_the_grpo_rollouts_ids_and_mask(built, toke
         assert len(masked) == len(rec["queries"]) >= 2
         for ids, q in zip(masked, rec["queries"]):
             assert tokenizer.decode(ids) == utils.format_result_block(SEARCH([q], SARGS.topk)[0], SARGS.passage_max_words)
-        # ... and everything else is the model's own text: the loss spans cover no <result> content.
-        trained = "".join(tokenizer.decode(rec["input_ids"][a:b]) for a, b in rec["loss_spans"])
-        assert utils.RESULT_OPEN not in trained and rec["loss_spans"][0][0] == p
-        assert sum(b - a for a, b in rec["loss_spans"]) == sum(rec["assistant_masks"])
+        # ... and everything else is the model's own text; mask_runs (the viewer's) says the same.
+        assert rec["mask_runs"] == [[m, len(ids)] for ids, m in ro.segments()] and rec["mask_runs"][0][0] == 1
+        trained = "".join(tokenizer.decode(ids) for ids, m in ro.segments() if m)
+        assert utils.RESULT_OPEN not in trained
 
 
 def test_every_trajectory_scores_reward_one(built, tokenizer):
@@ -176,9 +177,9 @@ def test_rejection_sampling_keeps_only_passing_rollouts(built, tokenizer):
                 outs.append(wrong + [tokenizer.eos_token_id])
         return outs
 
-    args = sft.WarmupArguments(rollout_samples=2, rollout_batch_size=4, min_f1=0.8)
-    kept, stats = sft.build_from_rollouts(rows, tokenizer, SEARCH, SARGS, args, generate, tokenizer,
-                                          {tokenizer.eos_token_id}, tokenizer.eos_token_id)
+    args = sft.WarmupArguments(rollout_samples=2, min_f1=0.8)
+    kept, stats = rejection.build_from_rollouts(rows, tokenizer, SEARCH, SARGS, args, generate, tokenizer,
+                                                {tokenizer.eos_token_id}, tokenizer.eos_token_id, sft.make_record)
     assert stats == {"kept": 1, "f1_below_min": 1, "empty_answer": 1}
     assert kept[0]["input_ids"] == rec["input_ids"] and kept[0]["assistant_masks"] == rec["assistant_masks"]
 
