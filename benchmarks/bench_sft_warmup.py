@@ -10,6 +10,7 @@ trained on. Generate calls are not cut (max_new_tokens_per_call 0): only the sec
     python benchmarks/bench_sft_warmup.py --before models/SmolLM2-135M-Instruct --after runs/sft --n 50
 """
 
+import importlib
 import json
 import sys
 import time
@@ -53,20 +54,23 @@ def measure(model_path: str, questions: list[dict], tokenizer, search: utils.Sea
         for q, r in zip(batch, rollouts):
             scores.append(utils.compute_reward(utils.reward_text(r, tokenizer), q["golden_answers"], r.ended_with_eos))
             searches.append(r.num_searches)
-    n = len(scores)
     del model, generate  # the fast generate holds its last KV cache
-    return {"n": n, "format_valid": sum(s["format_ok"] for s in scores) / n, "searches": sum(searches) / n,
-            "f1": sum(s["f1"] for s in scores) / n, "em": sum(s["em"] for s in scores) / n,
-            "reward": sum(s["reward"] for s in scores) / n, "seconds": round(time.perf_counter() - t0, 1)}
+    ci = importlib.import_module("04_eval").bootstrap_ci  # [mean, low, high] x 100, seeded, over questions
+    return {"n": len(scores), "format_valid": ci([s["format_ok"] for s in scores]), "searches": ci(searches),
+            "f1": ci([s["f1"] for s in scores]), "em": ci([s["em"] for s in scores]),
+            "reward": ci([s["reward"] for s in scores]), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def print_table(before: dict | None, after: dict) -> None:
-    print("| model | questions | format-valid | searches/question | F1 | EM |")
+    """Means with 95% bootstrap CIs over the questions (format-valid, F1, EM in %)."""
+    def c(v, scale=1.0):
+        return f"{v[0] * scale:.1f} [{v[1] * scale:.1f}, {v[2] * scale:.1f}]"
+    print("| model | questions | format-valid % | searches/question | F1 % | EM % |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, m in (("before warm-up", before), ("after warm-up", after)):
         if m:
-            print(f"| {name} | {m['n']} | {100 * m['format_valid']:.0f}% | {m['searches']:.2f} | "
-                  f"{m['f1']:.3f} | {m['em']:.3f} |")
+            cells = [c(m["format_valid"]), c(m["searches"], 0.01), c(m["f1"]), c(m["em"])]
+            print(f"| {name} | {m['n']} | " + " | ".join(cells) + " |")
 
 
 def main():
@@ -82,7 +86,8 @@ def main():
     search = utils.load_retriever(sargs.retriever)
     tokenizer = utils.load_tokenizer(args.after)
     questions = utils.load_questions(args.eval_data, limit=args.n)
-    print(f"{len(questions)} questions of {args.eval_data} | retriever {getattr(search, 'description', sargs.retriever)} | "
+    retriever = getattr(search, "description", sargs.retriever)
+    print(f"{len(questions)} questions of {args.eval_data} | retriever {retriever} | "
           f"topk {sargs.topk} | passage_max_words {sargs.passage_max_words} | max_searches {sargs.max_searches} | "
           f"max_completion_length {meta['max_completion_length']} | greedy", flush=True)
     res = {}

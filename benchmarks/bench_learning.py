@@ -1,0 +1,156 @@
+"""Does GRPO learn on a CPU? The learning benchmark behind `make learn`.
+
+warm-up (02_sft_warmup.py, configs/sft_cpu.yaml) -> GRPO (03_grpo_search.py, --grpo_config) -> greedy evaluation
+(04_eval.py's research method, the CPU search settings) of the warm-up checkpoint ("before") and of the GRPO
+checkpoint ("after") on the same questions, then the paired change with 95% bootstrap CIs (04's bootstrap_ci,
+resampling questions). The reward, the mask and the search settings are the paper's code paths, unchanged.
+
+Questions: data/mini/hotpotqa_dev.jsonl (500, file order), split once:
+  held-out  the first 300 (--split heldout): reported once, for the final recipe
+  tuning    questions 400-499 (--split tuning): where recipes were compared
+  training  data/mini/train.jsonl (03's --train_data, the recipe's); never a dev question
+Writes (--split heldout) to --out_dir (benchmarks/results):
+  learning_heldout.jsonl  per question: id, question, golden_answers, before / after {prediction, trajectory,
+                          ended_with_eos} (trajectory = the response text evaluation read, result contents
+                          blanked; prediction = what it read as the answer)
+  learning_summary.json   command, wall time, commit, tuning_ids, the recipe, the table
+  learning_curves.png     the GRPO run's training curves (extras/plot_curves.py)
+and, for every split, <work_dir>/<tag>/summary_<split>.json. Stages whose output is complete are reused.
+
+    make learn                                                       # the held-out result (~2 h, 2 idle cores)
+    python benchmarks/bench_learning.py --split tuning --tag lr2e-5 -- --learning_rate 2e-5   # a recipe try
+"""
+
+import argparse
+import importlib
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import utils  # noqa: E402
+
+ev = importlib.import_module("04_eval")
+DEV = ROOT / "data" / "mini" / "hotpotqa_dev.jsonl"
+SPLITS = {"heldout": (0, 300), "tuning": (400, 500)}
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run one stage as a user would (from the repo root), its output appended to log; seconds taken."""
+    t0 = time.time()
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    with open(log, "a") as f:
+        f.write(f"\n$ {shlex.join(cmd)}\n")
+        f.flush()
+        code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code:
+        raise utils.ReSearchError(f"exit {code}: {shlex.join(cmd)} (log: {log})")
+    return round(time.time() - t0, 1)
+
+
+def evaluate(model: Path, questions: Path, n: int, out: Path, log: Path, batch_size: int) -> tuple[dict, float]:
+    """04_eval.py's research method, greedy, CPU search settings; its predictions by id."""
+    seconds = 0.0
+    if not (out / "results.json").is_file():
+        seconds = run([sys.executable, "04_eval.py", "--config", "configs/eval_cpu.yaml", "--model", str(model),
+                       "--methods", "research", "--datasets", str(questions), "--limit", str(n),
+                       "--batch_size", str(batch_size), "--output_dir", str(out)], log)
+    (pred,) = out.glob("research/*/predictions.jsonl")
+    return {r["id"]: r for r in map(json.loads, pred.read_text().splitlines())}, seconds
+
+
+def ci(values, baseline=None) -> list[float]:
+    """[mean, low, high] in the values' own units (04's bootstrap_ci reports x100)."""
+    return [v / 100 for v in ev.bootstrap_ci(values, baseline)]
+
+
+def summarize(before: dict, after: dict, ids: list[str]) -> dict:
+    """Means before and after, and the paired change with its 95% CI, of F1, EM, format-valid, searches."""
+    table = {}
+    for key in ("f1", "em", "format_ok", "num_searches"):
+        a, b = [float(before[i][key]) for i in ids], [float(after[i][key]) for i in ids]
+        table[key] = {"before": ci(a), "after": ci(b), "change": ci(b, a)}
+    return table
+
+
+def markdown(table: dict, n: int) -> str:
+    names = {"f1": "F1", "em": "EM", "format_ok": "format valid", "num_searches": "searches / question"}
+    lines = [f"| {n} questions | before (warm-up) | after (warm-up + GRPO) | change, paired 95% CI |",
+             "|---|---:|---:|---:|"]
+    for key, row in table.items():
+        c, lo, hi = row["change"]
+        lines.append(f"| {names[key]} | {row['before'][0]:.3f} | {row['after'][0]:.3f} | "
+                     f"{c:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", choices=SPLITS, default="heldout")
+    p.add_argument("--tag", default="final", help="names this recipe's GRPO run and its evaluations")
+    p.add_argument("--grpo_config", default="configs/grpo_learn.yaml", help="the recipe: a 03_grpo_search.py preset")
+    p.add_argument("--sft_config", default="configs/sft_cpu.yaml")
+    p.add_argument("--work_dir", default="runs/learn")
+    p.add_argument("--out_dir", default="benchmarks/results")
+    p.add_argument("--eval_batch_size", type=int, default=25)
+    p.add_argument("grpo_args", nargs="*", help="after --: more 03_grpo_search.py flags (the recipe's overrides)")
+    args = p.parse_args()
+    t_start, work = time.time(), ROOT / args.work_dir
+    run_dir, log = work / args.tag, work / args.tag / "log.txt"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start, end = SPLITS[args.split]
+    dev = utils.read_jsonl(DEV)
+    questions = work / f"{args.split}.jsonl"
+    questions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dev[start:end]))
+    ids = [r["id"] for r in dev[start:end]]
+
+    seconds = {}
+    if not (work / "index_mini" / "manifest.json").is_file():
+        seconds["index"] = run([sys.executable, "01_build_index.py", "--corpus", "data/mini/corpus.jsonl",
+                                "--index_dir", str(work / "index_mini")], log)
+    search = ["--retriever", str(work / "index_mini")]
+    sft = work / "sft"
+    if not (sft / "config.json").is_file():
+        seconds["warmup"] = run([sys.executable, "02_sft_warmup.py", "--config", args.sft_config, *search,
+                                 "--output_dir", str(sft)], log)
+    grpo = run_dir / "grpo"
+    if not (grpo / "config.json").is_file():
+        seconds["grpo"] = run([sys.executable, "03_grpo_search.py", "--config", args.grpo_config, *search,
+                               "--model", str(sft), "--output_dir", str(grpo), "--report_to", "none",
+                               *args.grpo_args], log)
+    before, seconds["eval_before"] = evaluate(sft, questions, end - start, work / f"eval_sft_{args.split}", log,
+                                              args.eval_batch_size)
+    after, seconds["eval_after"] = evaluate(grpo, questions, end - start, run_dir / f"eval_{args.split}", log,
+                                            args.eval_batch_size)
+    table = summarize(before, after, ids)
+    print(markdown(table, len(ids)))
+    summary = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "split": args.split,
+               "questions": f"{DEV.relative_to(ROOT)}[{start}:{end}]", "n": len(ids), "tag": args.tag,
+               "wall_seconds_this_call": round(time.time() - t_start), "stage_seconds": seconds,
+               "commit": subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                                        text=True).stdout.strip(),
+               "tuning_ids": [r["id"] for r in dev[slice(*SPLITS["tuning"])]],
+               "recipe": {"sft_config": args.sft_config, "grpo_config": args.grpo_config,
+                          "grpo_config_text": (ROOT / args.grpo_config).read_text(), "grpo_overrides": args.grpo_args},
+               "table": table, "markdown": markdown(table, len(ids))}
+    (run_dir / f"summary_{args.split}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.split == "heldout":
+        out = ROOT / args.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [{"id": i, "question": after[i]["question"], "golden_answers": after[i]["golden_answers"],
+                 **{name: {"prediction": rec[i]["prediction"], "trajectory": rec[i]["trajectory"]["response"],
+                           "ended_with_eos": rec[i]["trajectory"]["ended_with_eos"]}
+                    for name, rec in (("before", before), ("after", after))}} for i in ids]
+        (out / "learning_heldout.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        (out / "learning_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        curves = importlib.import_module("extras.plot_curves").plot_run(str(grpo))
+        (out / "learning_curves.png").write_bytes(curves.read_bytes())
+        print(f"wrote {out / 'learning_heldout.jsonl'}, learning_summary.json, learning_curves.png")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
