@@ -290,7 +290,7 @@ def test_two_step_run_writes_checkpoint_logs_trajectories_and_resumes(tiny_model
     # the same folder with other settings is refused with the setting named, not resumed or crashed deep in
     # Trainer (use_lora, learning rate, beta, loss_type and dtype were not checked before)
     for flag, value, shown in (("--topk", "5", "--topk 3 -> 5"), ("--use_lora", "true", "--use_lora False -> True"),
-                               ("--learning_rate", "3e-5", "--learning_rate 1e-05 -> 3e-05"),
+                               ("--learning_rate", "3e-5", "--learning_rate 2e-05 -> 3e-05"),
                                ("--beta", "0.01", "--beta 0.001 -> 0.01"), ("--loss_type", "grpo", "--loss_type"),
                                ("--dtype", "bfloat16", "--dtype 'auto' -> 'bfloat16'")):
         p = run_script(*cmd, flag, value, check=False)
