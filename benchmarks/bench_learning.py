@@ -60,7 +60,7 @@ def evaluate(model: Path, questions: Path, n: int, out: Path, log: Path, batch_s
                        "--methods", "research", "--datasets", str(questions), "--limit", str(n),
                        "--batch_size", str(batch_size), "--output_dir", str(out)], log)
     (pred,) = out.glob("research/*/predictions.jsonl")
-    return {r["id"]: r for r in map(json.loads, pred.read_text().splitlines())}, seconds
+    return {r["id"]: r for r in utils.read_jsonl(pred)}, seconds
 
 
 def ci(values, baseline=None) -> list[float]:
@@ -127,7 +127,8 @@ def main():
     after, seconds["eval_after"] = evaluate(grpo, questions, end - start, run_dir / f"eval_{args.split}", log,
                                             args.eval_batch_size)
     table = summarize(before, after, ids)
-    print(markdown(table, len(ids)))
+    md = markdown(table, len(ids))
+    print(md)
     summary = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "split": args.split,
                "questions": f"{DEV.relative_to(ROOT)}[{start}:{end}]", "n": len(ids), "tag": args.tag,
                "wall_seconds_this_call": round(time.time() - t_start), "stage_seconds": seconds,
@@ -136,7 +137,7 @@ def main():
                "tuning_ids": [r["id"] for r in dev[slice(*SPLITS["tuning"])]],
                "recipe": {"sft_config": args.sft_config, "grpo_config": args.grpo_config,
                           "grpo_config_text": (ROOT / args.grpo_config).read_text(), "grpo_overrides": args.grpo_args},
-               "table": table, "markdown": markdown(table, len(ids))}
+               "table": table, "markdown": md}
     (run_dir / f"summary_{args.split}.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.split == "heldout":
         out = ROOT / args.out_dir

@@ -1,7 +1,8 @@
 """Which training questions does a checkpoint answer sometimes? Samples --group rollouts per question at
-temperature 1 (as GRPO does, the CPU search settings) and writes per question its answer rate; with
---keep_out, the questions answered sometimes but not always (some rollout with F1 > 0, some with F1 = 0):
-the ones whose groups carry an answer signal, a recipe lever of the learning benchmark (BENCHMARKS.md).
+temperature 1, as GRPO does, with the search settings the checkpoint was warmed up with (its warmup.json),
+and writes per question its answer rate; with --keep_out, the questions answered sometimes but not always
+(some rollout with F1 > 0, some with F1 = 0): the ones whose groups carry an answer signal, a recipe lever
+of the learning benchmark (BENCHMARKS.md).
 
     python benchmarks/probe_questions.py --model runs/learn/sft --questions data/mini/train.jsonl \\
         --out runs/learn/probe_train.jsonl --keep_out runs/learn/train_sometimes.jsonl
@@ -26,11 +27,16 @@ def main():
     p.add_argument("--batch_size", type=int, default=32, help="rollouts generated together")
     p.add_argument("--out", required=True, help="per question: id, answer rate, format rate, mean reward")
     p.add_argument("--keep_out", help="the questions answered sometimes but not always, as training rows")
+    p.add_argument("--max_new_tokens_per_call", type=int, default=16, help="as configs/grpo_cpu.yaml")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     import torch
     from transformers import GenerationConfig
     torch.manual_seed(a.seed)
+    meta_path = Path(a.model) / "warmup.json"
+    if not meta_path.is_file():
+        raise utils.ReSearchError(f"--model {a.model}: no warmup.json (not a 02_sft_warmup.py output)")
+    meta = json.loads(meta_path.read_text())  # the search settings it was warmed up with, as GRPO will use them
     tok, model = utils.load_tokenizer(a.model), utils.load_model(a.model)
     search, eos = utils.load_retriever(a.retriever), utils.eos_token_ids(tok, model.generation_config)
     sampling = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=list(eos))
@@ -41,9 +47,11 @@ def main():
     t0 = time.time()
     for start in range(0, len(flat), a.batch_size):
         batch = flat[start:start + a.batch_size]
-        prompts = [utils.encode(utils.build_prompt(r["question"], tok), tok) for r in batch]
-        outs = utils.search_rollout(prompts, generate, search, tok, eos, max_completion_length=512, topk=3,
-                                    max_searches=4, passage_max_words=30, max_new_tokens_per_call=16)
+        prompts = [utils.encode(utils.build_prompt(r["question"], tok, meta["prompt_template"]), tok) for r in batch]
+        outs = utils.search_rollout(prompts, generate, search, tok, eos,
+                                    max_completion_length=meta["max_completion_length"], topk=meta["topk"],
+                                    max_searches=meta["max_searches"], passage_max_words=meta["passage_max_words"],
+                                    max_new_tokens_per_call=a.max_new_tokens_per_call)
         for r, o in zip(batch, outs):
             scores.setdefault(r["id"], []).append(
                 utils.compute_reward(utils.reward_text(o, tok), r["golden_answers"], o.ended_with_eos))
