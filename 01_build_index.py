@@ -120,14 +120,24 @@ def bm25_settings(args: IndexArguments) -> dict:
 
 
 def word_rule(manifest: dict):
-    """bm25s's tokeniser: split(text) -> lowercased words; term(word) -> its Snowball stem, None for a
-    stopword (checked before stemming, as bm25s does)."""
-    findall, stop = re.compile(manifest["token_pattern"]).findall, frozenset(manifest.get("stopword_list") or ())
-    stem = lambda w: w  # noqa: E731
+    """bm25s's tokeniser as (split, term): split(text) -> lowercased words; term(word) -> its Snowball stem,
+    None for a stopword (checked before stemming, as bm25s does)."""
+    pattern = re.compile(manifest["token_pattern"])
+    stopwords = frozenset(manifest.get("stopword_list") or ())
+    stemmer = None
     if manifest.get("stemmer"):
         import Stemmer
-        stem = Stemmer.Stemmer(manifest["stemmer"]).stemWord
-    return (lambda text: findall(text.lower())), (lambda w: None if w in stop else stem(w))
+        stemmer = Stemmer.Stemmer(manifest["stemmer"])
+
+    def split(text: str) -> list[str]:
+        return pattern.findall(text.lower())
+
+    def term(word: str) -> str | None:
+        if word in stopwords:
+            return None
+        return stemmer.stemWord(word) if stemmer else word
+
+    return split, term
 
 
 def bm25_tokenize(texts: list[str], manifest: dict) -> list[list[str]]:
@@ -204,12 +214,14 @@ def up_to_date(index_dir: Path, corpus: Path, settings: dict) -> bool:
     except ReSearchError:
         return False
     same = all(manifest.get(k) == v for k, v in settings.items() if not k.endswith("_version"))
-    return same and manifest.get("corpus_bytes") == corpus.stat().st_size and \
-        manifest.get("corpus_sha256") == file_sha256(corpus)
+    if not same or manifest.get("corpus_bytes") != corpus.stat().st_size:
+        return False
+    return manifest.get("corpus_sha256") == file_sha256(corpus)
 
 
 def build_index(args: IndexArguments) -> None:
-    corpus, index_dir = Path(args.corpus), Path(args.index_dir)
+    corpus = Path(args.corpus)
+    index_dir = Path(args.index_dir)
     if not corpus.is_file():
         raise ReSearchError(f"--corpus {corpus}: no such file")
     dense = importlib.import_module("extras.dense") if args.encoder else None
@@ -279,7 +291,11 @@ def passage_reader(index_dir: Path, n_docs: int):
         raise ReSearchError(f"cannot load the index in {index_dir}: {e}; rebuild it") from e
     if len(offsets) != n_docs + 1:
         raise ReSearchError(f"{index_dir}: passage_offsets.npy disagrees with manifest.json; rebuild it")
-    return lambda i: json.loads(os.pread(fd, int(offsets[i + 1] - offsets[i]), int(offsets[i])))
+
+    def passage(i: int) -> dict:
+        return json.loads(os.pread(fd, int(offsets[i + 1] - offsets[i]), int(offsets[i])))
+
+    return passage
 
 
 def load_index(index_dir: str | Path, threads: int = 0, encoder: str | None = None, faiss_gpu: bool = False):
@@ -295,9 +311,10 @@ def load_index(index_dir: str | Path, threads: int = 0, encoder: str | None = No
     kind = manifest.get("retriever", "bm25")
     if kind == "dense":
         return importlib.import_module("extras.dense").load_dense_retriever(index_dir, encoder, faiss_gpu)
-    if kind != "bm25" or encoder:
-        raise ReSearchError(f"{index_dir}: unknown retriever {kind!r} (bm25 or dense)" if kind != "bm25" else
-                            f"{index_dir} is a bm25 index; an encoder ({encoder}) only applies to dense indexes")
+    if kind != "bm25":
+        raise ReSearchError(f"{index_dir}: unknown retriever {kind!r} (bm25 or dense)")
+    if encoder:
+        raise ReSearchError(f"{index_dir} is a bm25 index; an encoder ({encoder}) only applies to dense indexes")
     n_docs = int(manifest["num_passages"])
     try:
         model = bm25s.BM25.load(str(index_dir), mmap=True, load_corpus=False, show_progress=False)
@@ -305,7 +322,8 @@ def load_index(index_dir: str | Path, threads: int = 0, encoder: str | None = No
         raise ReSearchError(f"cannot load the index in {index_dir}: {e}; rebuild it") from e
     if int(model.scores["num_docs"]) != n_docs:
         raise ReSearchError(f"{index_dir}: files disagree with manifest.json ({n_docs} passages); rebuild it")
-    passage, vocab = passage_reader(index_dir, n_docs), model.vocab_dict
+    passage = passage_reader(index_dir, n_docs)
+    vocab = model.vocab_dict
     pool = ThreadPoolExecutor(threads or os.cpu_count() or 1)
 
     def one(terms: list[str], k: int) -> list[tuple[dict, float]]:

@@ -87,9 +87,10 @@ def _strip_parenthetical(title: str) -> str:
 def plan_hops(row: dict) -> tuple[dict | None, str]:
     """A training row's search plan, or (None, why not): question, answer, golds, final_think and hops, each
     {"queries": candidates, "support": the passage to find, "think": the text before}."""
-    q, golds = row.get("question"), row.get("golden_answers")
+    question = row.get("question")
+    golds = row.get("golden_answers")
     golds = [golds] if isinstance(golds, str) else golds
-    if not isinstance(q, str) or not q.strip():
+    if not isinstance(question, str) or not question.strip():
         return None, "no_question"
     if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds) or not _clean(golds[0]):
         return None, "empty_answer"
@@ -100,13 +101,14 @@ def plan_hops(row: dict) -> tuple[dict | None, str]:
         return None, "unscorable_answer"
     meta = row.get("metadata")
     meta = meta if isinstance(meta, dict) else {}
-    passages, titles, decomposition = (meta.get(k) for k in ("supporting_passages", "supporting_titles",
-                                                             "decomposition"))
+    passages = meta.get("supporting_passages")
+    titles = meta.get("supporting_titles")
+    decomposition = meta.get("decomposition")
     if passages is None or (decomposition is None and titles is None):
         return None, "no_supporting_info"
     if not isinstance(passages, list) or not passages or not all(isinstance(p, str) and p for p in passages):
         return None, "malformed_supporting_passages"
-    plan = {"dataset": str(meta.get("dataset", "")), "question": q.strip(), "answer": answer,
+    plan = {"dataset": str(meta.get("dataset", "")), "question": question.strip(), "answer": answer,
             "golden_answers": golds, "hops": []}
     if decomposition is not None:  # MuSiQue: one hop per sub-question
         if (not isinstance(decomposition, list) or len(decomposition) != len(passages)
@@ -129,12 +131,14 @@ def plan_hops(row: dict) -> tuple[dict | None, str]:
         if (not isinstance(titles, list) or len(titles) != len(passages)
                 or not all(isinstance(t, str) and t.strip() for t in titles)):
             return None, "malformed_supporting_titles"
-        order = sorted(range(len(titles)), key=lambda i: _strip_parenthetical(titles[i]).lower() not in q.lower())
+        named = [_strip_parenthetical(t).lower() in question.lower() for t in titles]
+        order = sorted(range(len(titles)), key=lambda i: not named[i])
         for n, i in enumerate(order):
-            short, full = _strip_parenthetical(_clean(titles[i])), _clean(titles[i])
+            full = _clean(titles[i])
+            short = _strip_parenthetical(full)
             if n == 0:
                 think = f"<think> I need to search for {short}. </think>"
-            elif short.lower() in q.lower():
+            elif short.lower() in question.lower():
                 think = f" <think> Now I need to search for {short}. </think>"
             else:  # a bridge entity: named in what was just retrieved, not in the question
                 think = f" <think> The result mentions {short}. I need to search for it. </think>"
@@ -145,6 +149,13 @@ def plan_hops(row: dict) -> tuple[dict | None, str]:
     if any(tag in t for t in texts for tag in ("<search>", "</search>", "<result>", "</result>", "<answer>")):
         return None, "tags_in_text"
     return plan, ""
+
+
+def finds_hop(passages: list[dict], support: str, hop_match: str) -> bool:
+    """Whether a search found the hop: its supporting passage itself, or (title) a passage of its article."""
+    if hop_match == "passage":
+        return any(p["contents"] == support for p in passages)
+    return any(utils.passage_title(p["contents"]) == utils.passage_title(support) for p in passages)
 
 
 def answer_text(answer: str) -> str:
@@ -159,7 +170,10 @@ def build_from_supervision(rows: list[dict], tokenizer, search: utils.SearchFn, 
     stats: Counter = Counter()
     kept: list[dict] = []
     for n, row in enumerate(rows):
-        plan, reason = plan_hops(row) if isinstance(row, dict) else (None, "not_an_object")
+        if not isinstance(row, dict):
+            stats["not_an_object"] += 1
+            continue
+        plan, reason = plan_hops(row)
         if plan is None or len(plan["hops"]) > sargs.max_searches:
             stats[reason or "more_hops_than_max_searches"] += 1
             continue
@@ -172,8 +186,7 @@ def build_from_supervision(rows: list[dict], tokenizer, search: utils.SearchFn, 
                 # the query the rollout would send: read back from the decoded ids, as search_rollout does
                 query = utils.extract_query(tokenizer.decode(seg, skip_special_tokens=True))
                 passages = search([query], sargs.topk)[0]
-                if any(p["contents"] == hop["support"] if hop_match == "passage" else
-                       utils.passage_title(p["contents"]) == utils.passage_title(hop["support"]) for p in passages):
+                if finds_hop(passages, hop["support"], hop_match):
                     block = utils.format_result_block(passages, sargs.passage_max_words)
                     segments += [(seg, 1), (utils.encode(block, tokenizer), 0)]
                     queries.append(query)
@@ -230,9 +243,10 @@ def train(records: list[dict], model_name: str, tokenizer, targs, args: WarmupAr
     if args.use_lora:
         from peft import LoraConfig
         targets = args.lora_target_modules
+        if targets != "all-linear":
+            targets = targets.split(",")
         peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                 task_type="CAUSAL_LM",
-                                 target_modules=targets if targets == "all-linear" else targets.split(","))
+                                 task_type="CAUSAL_LM", target_modules=targets)
     trainer = SFTTrainer(model=model_name, args=targs, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
     t0 = time.perf_counter()
@@ -252,8 +266,13 @@ def main():
     import torch
     from trl import SFTConfig
 
-    args, sargs, targs = utils.parse_args(WarmupArguments, utils.SearchArguments, SFTConfig, defaults=dict(
-        output_dir="runs/sft", save_strategy="no", logging_steps=5, report_to="none", bf16=torch.cuda.is_available()))
+    from extras.precision import native_bf16
+    native, why = native_bf16()
+    # float32 master weights (TRL loads a model in float32), bf16 autocast where it is native (--bf16)
+    defaults = dict(output_dir="runs/sft", save_strategy="no", logging_steps=5, report_to="none", bf16=native,
+                    use_cpu=not torch.cuda.is_available())  # Trainer refuses bf16 on a CPU unless told
+
+    args, sargs, targs = utils.parse_args(WarmupArguments, utils.SearchArguments, SFTConfig, defaults=defaults)
     for flag, value, allowed in (("source", args.source, ("supervision", "rollouts")),
                                  ("rollout_backend", args.rollout_backend, ("hf", "vllm")),
                                  ("hop_match", args.hop_match, ("passage", "title"))):
@@ -267,16 +286,19 @@ def main():
     t_start = time.perf_counter()
     tokenizer = utils.load_tokenizer(args.model)
     search = utils.load_retriever(sargs.retriever)
-    rows = utils.read_jsonl(args.train_data) if Path(args.train_data).is_file() else \
-        utils.load_questions(args.train_data, split="train")  # a bad row is skipped later, with its reason
+    if Path(args.train_data).is_file():
+        rows = utils.read_jsonl(args.train_data)  # a bad row is skipped later, with its reason
+    else:
+        rows = utils.load_questions(args.train_data, split="train")
     retriever = getattr(search, "description", sargs.retriever)
     print(f"model {args.model} | data {args.train_data} ({len(rows)} rows) | retriever {retriever} | top-k "
           f"{sargs.topk} | passage words {sargs.passage_max_words or 'all'}", flush=True)
+    print(f"precision: float32 weights, bf16 autocast {'on' if targs.bf16 else 'off'} ({why})", flush=True)
 
     t0 = time.perf_counter()
     if args.trajectories:
-        records, stats = utils.read_jsonl(args.trajectories), Counter()
-        stats["kept"] = len(records)
+        records = utils.read_jsonl(args.trajectories)
+        stats = Counter(kept=len(records))
         if any(len(r.get("input_ids", "")) != len(r.get("assistant_masks", "?")) for r in records):
             raise utils.ReSearchError(f"--trajectories {args.trajectories}: not written by this script (a row "
                                       "without input_ids and assistant_masks of equal length)")
@@ -286,7 +308,8 @@ def main():
     else:
         records, stats = importlib.import_module("extras.rejection_sampling").build(
             rows, tokenizer, search, sargs, args, targs, make_record)
-    build_seconds, total = time.perf_counter() - t0, sum(stats.values())
+    build_seconds = time.perf_counter() - t0
+    total = sum(stats.values())
     print(f"trajectories: kept {stats['kept']}/{total} rows in {build_seconds:.1f}s; dropped: "
           + (", ".join(f"{k} {v}" for k, v in sorted(stats.items()) if k != "kept") or "none") + "; by dataset: "
           + ", ".join(f"{k} {v}" for k, v in sorted(Counter(r["dataset"] for r in records).items())), flush=True)

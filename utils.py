@@ -1,5 +1,5 @@
 """What the stages share, in the order a question meets it: the prompt, the search rollout (where the
-retrieved-token mask is built), the reward, how evaluation reads an answer. Exact strings are the
+retrieved-token mask is built), the reward; then the retriever, data and model loaders. Exact strings are the
 reference's (Agent-RL/ReSearch, branch re-search); differences: README "Faithfulness"."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import operator
 import re
 import string
 import sys
@@ -40,6 +41,7 @@ def parse_args(*dataclass_types, defaults: dict | None = None) -> tuple:
     """TRL's TrlParser (every field a flag; --config FILE.yaml). --help shows the string under each field."""
     import importlib
 
+    import yaml
     from trl import TrlParser
 
     if {"-h", "--help"} & set(sys.argv):
@@ -48,6 +50,8 @@ def parse_args(*dataclass_types, defaults: dict | None = None) -> tuple:
     parser.set_defaults(**(defaults or {}))  # a stage's own defaults for TRL's fields
     try:
         return tuple(parser.parse_args_and_config())
+    except yaml.YAMLError as e:  # its message names the file, line and column
+        raise ReSearchError(f"--config: not valid YAML: {' '.join(str(e).split())}") from e
     except (ValueError, OSError, TypeError) as e:  # unknown --config key, missing file, GPU preset on a CPU
         raise ReSearchError(f"bad arguments: {e}") from e
 
@@ -156,10 +160,11 @@ class Rollout:
     prompt_ids: list[int]
     completion_ids: list[int] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # sampling log-probs (vLLM); None where unknown or retrieved
     queries: list[str] = field(default_factory=list)
+    turn_start: int = 0  # where the current turn starts in completion_ids: after the last result block
     ended_with_eos: bool = False
     done: bool = False
-    logprobs: list | None = None  # sampling log-probs (None at retrieved ids) if the back end gives them
 
     @property
     def num_searches(self) -> int:
@@ -167,19 +172,19 @@ class Rollout:
 
     def segments(self) -> list[tuple[list[int], int]]:
         """Consecutive runs of (ids, mask value)."""
-        runs = itertools.groupby(zip(self.completion_ids, self.mask), key=lambda pair: pair[1])
-        return [([t for t, _ in run], m) for m, run in runs]
+        runs = itertools.groupby(zip(self.completion_ids, self.mask), key=operator.itemgetter(1))
+        return [([token for token, _ in run], mask) for mask, run in runs]
 
 
-# generate(contexts, max_new_tokens) -> each row's new ids (a row that stopped early may be padded), or
-# (new ids, their sampling log-probs) from a back end that has them (vLLM).
-GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
+# generate(contexts, max_new_tokens) -> (each row's new ids, their sampling log-probs or None). A row that
+# stopped early may be padded. Hugging Face gives no log-probs (None); vLLM does.
+GenerateFn = Callable[[list[list[int]], int], tuple[list[list[int]], list[list[float]] | None]]
 SearchFn = Callable[[list[str], int], list[list[dict]]]  # search(queries, k) -> passages, best first
 
 
 def hf_generate_fn(model, tokenizer, generation_config=None, fast: bool = False, stop=(SEARCH_CLOSE,)) -> GenerateFn:
     """One batched generate per call, rows stopped at EOS or a stop string. generation_config samples (TRL's);
-    None = greedy. fast: extras/fast_rollout.py."""
+    None = greedy. fast: the CPU presets' generate (extras/fast_rollout.py), same tokens, KV cache kept."""
     import copy
     import importlib
 
@@ -188,21 +193,23 @@ def hf_generate_fn(model, tokenizer, generation_config=None, fast: bool = False,
 
     if fast:
         return importlib.import_module("extras.fast_rollout").hf_generate_fn(model, tokenizer, generation_config)
-    # built once: generate(stop_strings=...) would rebuild it from the whole vocabulary on every call
-    stop = StoppingCriteriaList([StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stop))] if stop else [])
+    stop_criteria = StoppingCriteriaList()
+    if stop:  # built once: generate(stop_strings=...) would rebuild it from the whole vocabulary on every call
+        stop_criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stop)))
     config = copy.deepcopy(generation_config or model.generation_config)
     if generation_config is None:  # real greedy, whatever sampling defaults the checkpoint ships
         config.update(do_sample=False, temperature=None, top_p=None, top_k=None)
 
-    def generate(contexts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        width, pad = max(len(c) for c in contexts), tokenizer.pad_token_id
+    def generate(contexts: list[list[int]], max_new_tokens: int):
+        width = max(len(c) for c in contexts)
+        pad = tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=model.device)
         attention = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=model.device)
         config.update(max_new_tokens=max_new_tokens, pad_token_id=pad)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=attention, generation_config=config,
-                                 stopping_criteria=stop)
-        return out[:, width:].tolist()
+                                 stopping_criteria=stop_criteria)
+        return out[:, width:].tolist(), None
 
     return generate
 
@@ -210,7 +217,8 @@ def hf_generate_fn(model, tokenizer, generation_config=None, fast: bool = False,
 def eos_token_ids(tokenizer, generation_config=None) -> set[int]:
     """The tokenizer's EOS and a generation config's eos_token_id(s) (Qwen2.5-Instruct has two)."""
     extra = getattr(generation_config, "eos_token_id", None)
-    extra = extra if isinstance(extra, list) else [] if extra is None else [extra]
+    if not isinstance(extra, list):
+        extra = [extra]
     return ({tokenizer.eos_token_id} | set(extra)) - {None}
 
 
@@ -224,10 +232,14 @@ def cut_at_stop(new_ids: list[int], tokenizer, eos_ids: set[int], before: list[i
         return SEARCH_CLOSE in tokenizer.decode(before + new_ids[:n], skip_special_tokens=True)
 
     if has_close(end):
-        low, high = 1, end
-        while low < high:
+        low = 1
+        high = end
+        while low < high:  # the shortest prefix that completes </search>
             mid = (low + high) // 2
-            low, high = (low, mid) if has_close(mid) else (mid + 1, high)
+            if has_close(mid):
+                high = mid
+            else:
+                low = mid + 1
         return new_ids[:low], "search"
     if end < len(new_ids) and new_ids[end] in eos_ids:
         return new_ids[: end + 1], "eos"
@@ -236,65 +248,65 @@ def cut_at_stop(new_ids: list[int], tokenizer, eos_ids: set[int], before: list[i
 
 def search_rollout(prompt_ids: list[list[int]], generate: GenerateFn, search: SearchFn, tokenizer,
                    eos_ids: set[int], *, max_completion_length: int, topk: int = 5, max_searches: int = 8,
-                   passage_max_words: int = 0, max_new_tokens_per_call: int = 0,
-                   any_rank_active: Callable[[bool], bool] | None = None) -> list[Rollout]:
+                   passage_max_words: int = 0, max_new_tokens_per_call: int = 0) -> list[Rollout]:
     """ReSearch's rollout, batched. Unfinished rows generate together; a row pauses at </search>; the
     paused rows' queries go to the retriever in one batch; each gets its result block (mask 0) and they
     resume together. A row ends at EOS or when max_completion_length (result blocks count) is spent. Past
-    max_searches a search gets LIMIT_BLOCK; an empty query an empty block. any_rank_active(this rank has
-    unfinished rows) -> some rank has: a finished rank makes dummy calls until all are done (vLLM's server
-    gathers every rank's calls)."""
+    max_searches a search gets LIMIT_BLOCK; an empty query an empty block."""
     rows = [Rollout(prompt_ids=list(p)) for p in prompt_ids]
-    while True:
-        active = [r for r in rows if not r.done]
-        if any_rank_active is not None and any_rank_active(bool(active)) and not active:
-            generate([rows[0].prompt_ids], 1)  # lock-step dummy call; its output is thrown away
-            continue
-        if not active:
-            return rows
-        budget = max(max_completion_length - len(r.completion_ids) for r in active)
-        budget = min(budget, max_new_tokens_per_call or budget)
-        outs = generate([r.prompt_ids + r.completion_ids for r in active], budget)
-        outs, logprobs = outs if isinstance(outs, tuple) else (outs, [None] * len(outs))
+    active = rows
+    while active:
+        budget = max(max_completion_length - len(row.completion_ids) for row in active)
+        if max_new_tokens_per_call:
+            budget = min(budget, max_new_tokens_per_call)  # the same tokens, in shorter calls
+        new_ids, logprobs = generate([row.prompt_ids + row.completion_ids for row in active], budget)
+        if logprobs is None:
+            logprobs = [[None] * len(ids) for ids in new_ids]
         paused: list[Rollout] = []
-        for r, new, lp in zip(active, outs, logprobs):
-            room = max_completion_length - len(r.completion_ids)
-            turn = len(r.mask) - r.mask[::-1].index(0) if 0 in r.mask else 0  # this turn: after the last block
-            before = r.completion_ids[max(turn, len(r.completion_ids) - len(SEARCH_CLOSE)):]
-            new, stop = cut_at_stop(list(new[:room]), tokenizer, eos_ids, before)
-            r.completion_ids += new
-            r.mask += [1] * len(new)  # the model's own tokens: trained
-            if lp is not None:
-                r.logprobs = (r.logprobs or []) + list(lp[: len(new)])
+        for row, new, new_logprobs in zip(active, new_ids, logprobs):
+            room = max_completion_length - len(row.completion_ids)
+            # a </search> can straddle two calls: decode the turn's last ids with the new ones
+            tail = row.completion_ids[max(row.turn_start, len(row.completion_ids) - len(SEARCH_CLOSE)) :]
+            kept, stop = cut_at_stop(list(new[:room]), tokenizer, eos_ids, tail)
+            row.completion_ids += kept
+            row.mask += [1] * len(kept)  # the model's own tokens: trained
+            row.logprobs += list(new_logprobs[: len(kept)])
             if stop == "eos":
-                r.ended_with_eos = r.done = True
-            elif stop == "search" and len(r.completion_ids) < max_completion_length:
-                r.queries.append(extract_query(tokenizer.decode(r.completion_ids[turn:], skip_special_tokens=True)))
-                paused.append(r)
-            elif len(r.completion_ids) >= max_completion_length or len(new) < min(room, budget):
-                r.done = True  # budget spent (or the back end ended the row for a reason of its own)
-        allowed = [r for r in paused if r.num_searches <= max_searches]
-        passages = search([r.queries[-1] for r in allowed], topk) if allowed else []
-        blocks = {id(r): format_result_block(p, passage_max_words) for r, p in zip(allowed, passages)}
-        for r in paused:
-            block = encode(blocks.get(id(r), LIMIT_BLOCK), tokenizer)
-            block = block[: max_completion_length - len(r.completion_ids)]
+                row.ended_with_eos = True
+                row.done = True
+            elif len(row.completion_ids) >= max_completion_length:
+                row.done = True  # the budget is spent
+            elif stop == "search":
+                turn_text = tokenizer.decode(row.completion_ids[row.turn_start :], skip_special_tokens=True)
+                row.queries.append(extract_query(turn_text))
+                paused.append(row)
+            elif len(kept) < min(room, budget):
+                row.done = True  # fewer ids than asked, no stop: the back end ended the row (its own length cap)
+        to_search = [row for row in paused if row.num_searches <= max_searches]
+        found = search([row.queries[-1] for row in to_search], topk) if to_search else []
+        blocks = {id(row): format_result_block(passages, passage_max_words) for row, passages in zip(to_search, found)}
+        for row in paused:
+            block = encode(blocks.get(id(row), LIMIT_BLOCK), tokenizer)
+            block = block[: max_completion_length - len(row.completion_ids)]
             # THE RETRIEVED-TOKEN MASK (ReSearch sec. 3.1): the block's ids get mask 0. They stay in the
-            # context the model attends to, but TRL multiplies its completion mask by this one (tool_mask),
-            # so they are left out of the policy-gradient loss, the KL term and the entropy.
-            r.completion_ids += block
-            r.mask += [0] * len(block)
-            if r.logprobs is not None:
-                r.logprobs += [None] * len(block)
-            r.done = len(r.completion_ids) >= max_completion_length  # the budget ran out inside the block
+            # context the model attends to; 03's loss multiplies by this mask (TRL's tool_mask), so they
+            # are left out of the policy-gradient loss, the KL term and the entropy.
+            row.completion_ids += block
+            row.mask += [0] * len(block)
+            row.logprobs += [None] * len(block)
+            row.turn_start = len(row.completion_ids)
+            row.done = len(row.completion_ids) >= max_completion_length  # the budget ran out inside the block
+        active = [row for row in rows if not row.done]
+    return rows
 
 
 # ---- 3. The reward: ReSearch's rule-based outcome reward, on the model's own text ----
 def reward_text(rollout: Rollout, tokenizer) -> str:
     """The model's own tokens, result blocks reduced to their tags: a passage holding </result> or \\boxed{}
     changes nothing, an answer only in a passage earns nothing."""
-    return "".join(tokenizer.decode(ids, skip_special_tokens=True) if m else f" {RESULT_OPEN}\n{RESULT_CLOSE}"
-                   for ids, m in rollout.segments())
+    blanked = f" {RESULT_OPEN}\n{RESULT_CLOSE}"
+    return "".join(tokenizer.decode(ids, skip_special_tokens=True) if mask else blanked
+                   for ids, mask in rollout.segments())
 
 
 _TAG_RE = re.compile(r"</?(?:search|result)>")
@@ -312,33 +324,34 @@ def check_format(response: str) -> bool:
         return False
     tags = _TAG_RE.findall(response)
     cycle = [SEARCH_OPEN, SEARCH_CLOSE, RESULT_OPEN, RESULT_CLOSE]
-    if len(tags) % 4 or any(t != cycle[i % 4] for i, t in enumerate(tags)):
+    if len(tags) % 4 or any(tag != cycle[i % 4] for i, tag in enumerate(tags)):
         return False
     return extract_answer(response) is not None
 
 
 def extract_answer(response: str) -> str | None:
     """The last complete \\boxed{...} (nested braces allowed) in the last <answer> block, stripped."""
-    a0 = response.rfind(ANSWER_OPEN)
-    if a0 < 0:
+    answer_start = response.rfind(ANSWER_OPEN)
+    if answer_start < 0:
         return None
-    a1 = response.find(ANSWER_CLOSE, a0)
-    block = response[a0 + len(ANSWER_OPEN) : a1 if a1 >= 0 else len(response)]
-    start = block.rfind("\\boxed{")
-    if start < 0:
+    answer_end = response.find(ANSWER_CLOSE, answer_start)
+    block = response[answer_start + len(ANSWER_OPEN) : answer_end if answer_end >= 0 else len(response)]
+    boxed = block.rfind("\\boxed{")
+    if boxed < 0:
         return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(block)):
+    content_start = boxed + len("\\boxed{")
+    depth = 1
+    for j in range(content_start, len(block)):
         depth += {"{": 1, "}": -1}.get(block[j], 0)
         if depth == 0:
-            return block[i:j].strip()
+            return block[content_start:j].strip()
     return None
 
 
-def normalize_answer(s: str) -> str:
+def normalize_answer(text: str) -> str:
     """SQuAD: lowercase, drop punctuation, drop articles a/an/the, collapse whitespace."""
-    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
 def _golds(golds) -> list[str]:
@@ -351,55 +364,51 @@ def exact_match(prediction: str, golds) -> float:
 
 def f1_score(prediction: str, golds) -> float:
     """Token F1, max over golds; 0 where the prediction or the gold is yes/no/noanswer and they differ."""
-    best, p = 0.0, normalize_answer(prediction)
-    for g in map(normalize_answer, _golds(golds)):
-        if (p in ("yes", "no", "noanswer") or g in ("yes", "no", "noanswer")) and p != g:
+    best = 0.0
+    pred = normalize_answer(prediction)
+    for gold in map(normalize_answer, _golds(golds)):
+        if (pred in ("yes", "no", "noanswer") or gold in ("yes", "no", "noanswer")) and pred != gold:
             continue
-        same = sum((Counter(p.split()) & Counter(g.split())).values())
+        same = sum((Counter(pred.split()) & Counter(gold.split())).values())
         if same:
-            precision, recall = same / len(p.split()), same / len(g.split())
+            precision = same / len(pred.split())
+            recall = same / len(gold.split())
             best = max(best, 2 * precision * recall / (precision + recall))
     return best
 
 
 def compute_reward(response: str, golden_answers, ended_with_eos: bool) -> dict:
-    """On reward_text(): 0 for a bad format, no EOS or no answer; else F1 if > 0, else 0.1."""
+    """The paper's reward, on reward_text(): 0 for a bad format (no answer included) or no EOS; else the
+    answer's F1 if > 0, else 0.1 (the format was right)."""
     prediction = extract_answer(response)
     f1 = f1_score(prediction, golden_answers) if prediction is not None else 0.0
-    format_ok = check_format(response) and ended_with_eos
-    reward = (f1 if f1 > 0 else 0.1) if format_ok and prediction is not None else 0.0
     em = exact_match(prediction, golden_answers) if prediction is not None else 0.0
+    format_ok = check_format(response) and ended_with_eos  # check_format needs a \boxed{} answer
+    if not format_ok:
+        reward = 0.0
+    elif f1 > 0:
+        reward = f1
+    else:
+        reward = 0.1
     return {"reward": reward, "f1": f1, "em": em, "format_ok": format_ok, "prediction": prediction}
 
 
-# ---- 4. Evaluation reads the answer as the reference's ReSearchPipeline.run_item does ----
-def eval_prediction(text: str, ended_with_eos: bool) -> str | None:
-    """None if the response ran out of budget; else the FIRST <answer>...</answer> (unclosed: None), then its
-    last "\\boxed", as last_boxed_only_string + remove_boxed read it: "\\boxed x" up to the next "$", or
-    "\\boxed{...}" brace-matched, unstripped. The format is not checked."""
-    m = re.search(r"<answer>(.*?)</answer>", text.strip(), re.DOTALL) if ended_with_eos else None
-    block = m.group(1) if m else ""
-    if "\\boxed " in block:
-        return block.split("\\boxed ")[-1].split("$")[0]
-    start, depth = block.rfind("\\boxed"), 0
-    for j in range(start, len(block)) if start >= 0 else ():
-        depth += {"{": 1, "}": -1}.get(block[j], 0)
-        if block[j] == "}" and depth == 0:
-            boxed = block[start : j + 1]
-            return boxed[len("\\boxed{") : -1] if boxed.startswith("\\boxed{") else None
-    return None
-
-
-# ---- 5. The retriever, questions, models ----
+# ---- 4. The retriever, questions, models ----
 def load_retriever(spec: str) -> SearchFn:
-    """An index folder (01_build_index.py loads it), or a server URL (extras/retrieval_server.py)."""
+    """An index folder (01_build_index.py loads it), or a server URL (extras/retrieval_server.py), checked
+    with one query: a dead server fails here, not when a rollout first searches."""
     import importlib
     if spec.startswith(("http://", "https://")):
-        return importlib.import_module("extras.retrieval_server").http_retriever(spec)
-    return importlib.import_module("01_build_index").load_index(spec)
+        search = importlib.import_module("extras.retrieval_server").http_retriever(spec)
+    else:
+        search = importlib.import_module("01_build_index").load_index(spec)
+    try:
+        search(["Wikipedia"], 1)
+    except ReSearchError as e:
+        raise ReSearchError(f"--retriever {spec} does not answer: {e}") from e
+    return search
 
 
-HUB_DATASET = "RUC-NLPIR/FlashRAG_datasets"
 HUB_NAMES = ("hotpotqa", "2wikimultihopqa", "musique", "bamboogle", "nq", "triviaqa", "popqa")
 
 
@@ -427,25 +436,24 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def load_questions(spec: str, split: str = "dev", limit: int | None = None) -> list[dict]:
     """The first `limit` questions of a FlashRAG jsonl or hub dataset, in order: {id, question, golden_answers}."""
+    import importlib
     if Path(spec).exists() or spec.endswith((".jsonl", ".jsonl.gz", ".json")):
-        raw, where = read_jsonl(spec), f"{spec}:"
-    elif spec in HUB_NAMES:
-        try:
-            import datasets
-            raw, where = [dict(r) for r in datasets.load_dataset(HUB_DATASET, spec, split=split)], f"{spec} row "
-        except Exception as e:  # no internet, unknown split, ...
-            raise ReSearchError(f"could not load {HUB_DATASET}/{spec} ({split}) from the hub (offline? use a "
-                                f"local jsonl): {e}") from e
+        raw = read_jsonl(spec)
+        where = f"{spec}:"
+    elif spec in HUB_NAMES:  # FlashRAG's datasets on the Hugging Face hub (internet)
+        raw = importlib.import_module("extras.hub_data").load_rows(spec, split)
+        where = f"{spec} row "
     else:
         raise ReSearchError(f"unknown dataset {spec!r}: not a file, and not one of {', '.join(HUB_NAMES)}")
-    rows = []
-    for n, r in enumerate(raw[:limit], 1):
-        q, golds = r.get("question"), r.get("golden_answers", r.get("answer", []))
-        if not isinstance(q, str) or not q.strip():
+    questions = []
+    for n, row in enumerate(raw[:limit], 1):
+        question = row.get("question")
+        golds = row.get("golden_answers", row.get("answer", []))
+        if not isinstance(question, str) or not question.strip():
             raise ReSearchError(f"{where}{n}: missing or empty \"question\"")
-        rows.append({"id": str(r.get("id", n - 1)), "question": q.strip(), "golden_answers": _golds(golds or []),
-                     "metadata": r.get("metadata") or {}})
-    return rows
+        questions.append({"id": str(row.get("id", n - 1)), "question": question.strip(),
+                          "golden_answers": _golds(golds or []), "metadata": row.get("metadata") or {}})
+    return questions
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -470,11 +478,15 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str | None = None):
-    """A causal LM for generation: float32 on a CPU (bf16 there is ~4x slower), bfloat16 on a GPU."""
+    """A causal LM for generation, on a GPU if there is one. dtype auto: bfloat16 where it is native (a GPU, or a
+    CPU with AMX / AVX-512 BF16: extras/precision.py), else float32."""
+    import importlib
+
     import torch
     import transformers
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = importlib.import_module("extras.precision").choose_dtype(dtype)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path),
                                                                   dtype=getattr(torch, dtype))

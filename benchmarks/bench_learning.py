@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import utils  # noqa: E402
 
-ev = importlib.import_module("04_eval")
+tables = importlib.import_module("extras.results_table")
 DEV = ROOT / "data" / "mini" / "hotpotqa_dev.jsonl"
 SPLITS = {"heldout": (0, 300), "tuning": (400, 500)}
 
@@ -65,7 +65,7 @@ def evaluate(model: Path, questions: Path, n: int, out: Path, log: Path, batch_s
 
 def ci(values, baseline=None) -> list[float]:
     """[mean, low, high] in the values' own units (04's bootstrap_ci reports x100)."""
-    return [v / 100 for v in ev.bootstrap_ci(values, baseline)]
+    return [v / 100 for v in tables.bootstrap_ci(values, baseline)]
 
 
 def summarize(before: dict, after: dict, ids: list[str]) -> dict:

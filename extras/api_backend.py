@@ -39,10 +39,10 @@ def backend(args, tok, eos_ids: set[int]):
         extra = c.model_extra or {}
         return c.text or "", c.finish_reason, extra.get("stop_reason", extra.get("matched_stop"))
 
-    def generate_ids(contexts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def generate_ids(contexts: list[list[int]], max_new_tokens: int):
         prompts = [tok.decode(c, skip_special_tokens=False) for c in contexts]
         outs = pool.map(lambda p: call(p, max_new_tokens, [utils.SEARCH_CLOSE]), prompts)
-        return [api_ids_from_text(t, f, m, tok, tok.eos_token_id) for t, f, m in outs]
+        return [api_ids_from_text(t, f, m, tok, tok.eos_token_id) for t, f, m in outs], None
 
     def complete(prompts: list[str], max_new_tokens: int, stop: list[str] | None = None) -> list[str]:
         outs = pool.map(lambda p: call(p, max_new_tokens, stop or []), prompts)

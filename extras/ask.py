@@ -1,29 +1,32 @@
 """04_eval.py --question "...": ask mode. One research rollout, printed as it happens: the model's text, each
 search and the titles it found, then the answer as evaluation reads it."""
 
+from types import SimpleNamespace
+
 import utils
 
 
-def ask(args, e) -> None:
-    """Print one research trajectory as it happens: the generated text, each search, the titles found."""
-    tok, s = e.tok, e.sargs
-    print(f"model {args.model} · retriever {getattr(e.search, 'description', s.retriever)} · top-k {s.topk}\n")
+def ask(args, engine, run_research) -> None:
+    """04's run_research on one question, with the engine's generate and search printing what they do."""
+    tok = engine.tok
+    sargs = engine.sargs
+    print(f"model {args.model} · retriever {getattr(engine.search, 'description', sargs.retriever)} · "
+          f"top-k {sargs.topk}\n")
 
     def generate(contexts, max_new_tokens):
-        outs = e.generate_ids(contexts, max_new_tokens)
-        print(tok.decode(outs[0], skip_special_tokens=True), end="", flush=True)
-        return outs
+        new_ids, logprobs = engine.generate_ids(contexts, max_new_tokens)
+        print(tok.decode(new_ids[0], skip_special_tokens=True), end="", flush=True)
+        return new_ids, logprobs
 
     def search(queries, k):
-        res = e.search(queries, k)
-        print(f"\n  [search] {queries[0]!r}\n" + "".join(f"  [{i + 1}] {utils.passage_title(p['contents'])}\n" for i, p in enumerate(res[0])),
-              end="", flush=True)
-        return res
+        results = engine.search(queries, k)
+        titles = "".join(f"  [{i + 1}] {utils.passage_title(p['contents'])}\n" for i, p in enumerate(results[0]))
+        print(f"\n  [search] {queries[0]!r}\n{titles}", end="", flush=True)
+        return results
 
-    prompt = utils.encode(utils.build_prompt(args.question, tok, s.prompt_template), tok)
-    (r,) = utils.search_rollout([prompt], generate, search, tok, e.eos_ids, max_completion_length=args.max_completion_length,
-                                topk=s.topk, max_searches=s.max_searches, passage_max_words=s.passage_max_words)
-    text = utils.reward_text(r, tok)
-    print(f"\n\nanswer: {utils.eval_prediction(text, r.ended_with_eos)!r} · searches {r.num_searches} · format valid "
-          f"{utils.compute_reward(text, [], r.ended_with_eos)['format_ok']} · {len(r.completion_ids)} tokens "
-          f"({r.mask.count(0)} retrieved)")
+    printing = SimpleNamespace(**{**vars(engine), "generate_ids": generate, "search": search})
+    (record,) = run_research([{"question": args.question}], printing)
+    trajectory = record["trajectory"]
+    retrieved = sum(n for mask, n in trajectory["mask_runs"] if mask == 0)
+    print(f"\n\nanswer: {record['prediction']!r} · searches {record['num_searches']} · format valid "
+          f"{record['format_ok']} · {len(trajectory['completion_ids'])} tokens ({retrieved} retrieved)")

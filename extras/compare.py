@@ -12,7 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 
-ev, resume = importlib.import_module("04_eval"), importlib.import_module("extras.resume")
+tables = importlib.import_module("extras.results_table")
+resume = importlib.import_module("extras.resume")
 
 
 def compare(before: Path, after: Path) -> dict:
@@ -25,8 +26,8 @@ def compare(before: Path, after: Path) -> dict:
         a, b = resume.read_predictions(pred), resume.read_predictions(before / cell / "predictions.jsonl")
         ids = [i for i in a if i in b]
         if ids:
-            diffs[f"{cell.parts[0]} · {cell.parts[1]}"] = {"n": len(ids), **{k: ev.bootstrap_ci(
-                [ev.scores(a[i])[k] for i in ids], [ev.scores(b[i])[k] for i in ids]) for k in ("em", "f1", "acc")}}
+            diffs[f"{cell.parts[0]} · {cell.parts[1]}"] = {"n": len(ids), **{k: tables.bootstrap_ci(
+                [a[i][k] for i in ids], [b[i][k] for i in ids]) for k in ("em", "f1", "acc")}}
     return diffs
 
 

@@ -63,7 +63,7 @@ def hf_generate_fn(model, tokenizer, generation_config=None) -> utils.GenerateFn
                 j0 = best[0] + 1
         return plan
 
-    def generate(contexts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def generate(contexts: list[list[int]], max_new_tokens: int):
         device = next(model.parameters()).device
         plan = reusable(contexts)
         width_cached = max(n for _, n in plan)
@@ -137,6 +137,6 @@ def hf_generate_fn(model, tokenizer, generation_config=None) -> utils.GenerateFn
             last["rows"] = [{"ids": c + o, "cols": (col := cs + list(range(width, width + len(o)))),
                              "n_cached": sum(1 for x in col if x < n_cached)}
                             for c, o, cs in zip(contexts, new_ids, cols)]
-        return new_ids
+        return new_ids, None
 
     return generate

@@ -14,6 +14,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 
 
+def step_line(metrics: dict, max_steps: int) -> str:
+    """03_grpo_search.py's one line per step."""
+    def show(key: str, fmt: str = "{:.2f}") -> str:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)):
+            return fmt.format(value)
+        return "-"
+    return (f"step {metrics['step']}/{max_steps} | reward {show('reward')} ± {show('reward_std')} | "
+            f"F1 {show('search/f1')} | format {show('search/format_ok')} | "
+            f"searches {show('search/searches_per_rollout')} | equal-reward groups {show('frac_reward_zero_std')} | "
+            f"KL {show('kl', '{:.4f}')} | tokens {show('search/response_length', '{:.0f}')} | "
+            f"s: generate {show('time/generate_s', '{:.0f}')} train {show('time/train_s', '{:.0f}')}")
+
+
 def plot_run(run_dir: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")

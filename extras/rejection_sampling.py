@@ -21,7 +21,7 @@ def vllm_generate_fn(model_name: str, temperature: float, top_p: float = 1.0, se
     llm = LLM(model=model_name, seed=seed, enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization)
     eos_id = llm.get_tokenizer().eos_token_id
 
-    def generate(contexts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def generate(contexts: list[list[int]], max_new_tokens: int):
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=[utils.SEARCH_CLOSE], include_stop_str_in_output=True)
         outs = llm.generate([{"prompt_token_ids": c} for c in contexts], params, use_tqdm=False)
@@ -32,7 +32,7 @@ def vllm_generate_fn(model_name: str, temperature: float, top_p: float = 1.0, se
             if c.finish_reason == "stop" and c.stop_reason is None and (not ids or ids[-1] != eos_id):
                 ids.append(eos_id)
             new.append(ids)
-        return new
+        return new, None
 
     return generate
 

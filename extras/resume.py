@@ -1,23 +1,48 @@
 """Resuming a killed run, when the same command is run again.
 
-03_grpo_search.py: training resumes from the last checkpoint; the logs drop what the killed run wrote after
-it, since the resumed run logs those steps again (metrics.jsonl, trajectories.jsonl, TensorBoard's events).
+03_grpo_search.py: training resumes from the last complete checkpoint (one being written when the run was
+killed is removed); the logs drop what the killed run wrote after it, since the resumed run logs those steps
+again (metrics.jsonl, trajectories.jsonl, TensorBoard's events).
 04_eval.py: predictions.jsonl keeps every finished question (a line torn by the kill is dropped), and the
 rest is generated, provided the cell's settings.json says its predictions were made the same way.
 """
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
 import utils
 
-
 # What a resumed run must share with the run it resumes (else it would fail deep in Trainer, or mix runs).
 RUN_IDENTITY = ("model", "train_data", "retriever", "topk", "passage_max_words", "max_searches", "prompt_template",
                 "dtype", "use_lora", "lora_r", "max_completion_length", "num_generations", "learning_rate", "beta",
                 "loss_type")
+
+
+def last_checkpoint(out_dir: Path, main_process: bool) -> tuple[str | None, int]:
+    """03: the newest complete checkpoint-N and its step. Trainer writes trainer_state.json last: a folder
+    without a readable one was being written when the run was killed; it is removed, an earlier one used."""
+    found = [p for p in out_dir.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    for ckpt in sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        try:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            return str(ckpt), int(state["global_step"])
+        except (OSError, ValueError, KeyError):
+            print(f"{ckpt} is incomplete (the run was killed while writing it): skipped and removed", flush=True)
+        if main_process:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None, 0
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A file that a kill leaves either as it was or complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def check_same_run(out_dir: Path, now: dict) -> None:
@@ -60,6 +85,16 @@ def truncate_logs(out_dir: Path, step: int, trainer) -> None:
             from torch.utils.tensorboard import SummaryWriter
             cb.tb_writer = SummaryWriter(log_dir=os.environ.get("TENSORBOARD_LOGGING_DIR", str(out_dir / "tb")),
                                          purge_step=step + 1)
+
+
+def model_fingerprint(path: str) -> str:
+    """04: weight files' sizes and first MiB, so a resumed evaluation never mixes two checkpoints."""
+    digest = hashlib.sha256()
+    files = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin"))
+    for file in files:
+        with open(file, "rb") as f:
+            digest.update(f"{file.name}:{file.stat().st_size}".encode() + f.read(1 << 20))
+    return digest.hexdigest()[:16] if files else path
 
 
 def read_predictions(path: Path, settings_path: Path | None = None, settings: dict | None = None) -> dict[str, dict]:

@@ -53,6 +53,24 @@ for(const k of['group','min','max'])$(k).oninput=render;
 $('bounds').onchange=e=>document.body.classList.toggle('bounds',e.target.checked);render();"""
 
 
+def append_grpo_rows(path: Path, step: int, rows, samples: int, tok) -> None:
+    """03_grpo_search.py's trajectories.jsonl: one line per (rollout, score, reward, input row, advantage) of
+    the first `samples` rows (0 = all), appended."""
+    lines = []
+    for rollout, score, reward, question, advantage in list(rows)[: samples or None]:
+        lines.append(json.dumps({
+            "step": step, "question_id": question["question_id"], "question": question["question"],
+            "golden_answers": question["golden_answers"], "reward": reward, "f1": score["f1"],
+            "em": score["em"], "format_ok": score["format_ok"], "prediction": score["prediction"],
+            "advantage": advantage, "ended_with_eos": rollout.ended_with_eos, "queries": rollout.queries,
+            "num_searches": rollout.num_searches,
+            "completion": tok.decode(rollout.completion_ids, skip_special_tokens=True),
+            "completion_ids": rollout.completion_ids,
+            "mask_runs": [[mask, len(ids)] for ids, mask in rollout.segments()]}, ensure_ascii=False))
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def find_tokenizer(jsonl: Path) -> str:
     for name, key in (("run_config.json", "model"), ("warmup.json", "base_model"), ("settings.json", "model")):
         model = json.loads((jsonl.parent / name).read_text()).get(key) if (jsonl.parent / name).is_file() else None

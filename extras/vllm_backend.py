@@ -24,14 +24,14 @@ def backend(args, tok, eos_ids: set[int]):
                                  stop_token_ids=sorted(eos_ids)) for p in prompts]
         return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
-    def generate_ids(contexts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def generate_ids(contexts: list[list[int]], max_new_tokens: int):
         out = []
         for o in run(contexts, max_new_tokens, [utils.SEARCH_CLOSE]):
             c, ids = o.outputs[0], list(o.outputs[0].token_ids)
             if c.finish_reason == "stop" and c.stop_reason in (None, *eos_ids) and (not ids or ids[-1] not in eos_ids):
                 ids.append(tok.eos_token_id)  # stopped at EOS, but the id was not returned
             out.append(ids)
-        return out
+        return out, None
 
     def complete(prompts: list[str], max_new_tokens: int, stop: list[str] | None = None) -> list[str]:
         outs = run([utils.encode(p, tok) for p in prompts], max_new_tokens, stop or [])

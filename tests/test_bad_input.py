@@ -16,6 +16,7 @@ def place(tmp_path, tiny_model_dir, mini_index):
     (tmp_path / "a_file").write_text("not a folder\n")
     (tmp_path / "not_trajectories.jsonl").write_text(json.dumps({"question": "q?"}) + "\n")
     (tmp_path / "nan_model").mkdir()
+    (tmp_path / "bad.yaml").write_text("model: x\n  learning_rate: [1e-6\n")  # a stray indent
     return lambda args: [str(a).format(tmp=tmp_path, tiny=tiny_model_dir, index=mini_index) for a in args]
 
 
@@ -51,6 +52,17 @@ CASES = [
     ("04_eval.py", ["--model", "{tiny}", "--limit", "0"], "--limit"),
     ("04_eval.py", ["--model", "{tiny}", "--backend", "tpu"], "--backend"),
     ("extras/compare.py", ["{tmp}", "{tmp}/a_file"], "results.json"),
+    # a --config that is not YAML: the file, line and column, for every script
+    ("01_build_index.py", ["--config", "{tmp}/bad.yaml"], "bad.yaml\", line 2"),
+    ("02_sft_warmup.py", ["--config", "{tmp}/bad.yaml"], "bad.yaml\", line 2"),
+    ("03_grpo_search.py", ["--config", "{tmp}/bad.yaml"], "bad.yaml\", line 2"),
+    ("04_eval.py", ["--config", "{tmp}/bad.yaml"], "bad.yaml\", line 2"),
+    # a retrieval server that is not there: refused at start, not when a rollout first searches
+    ("02_sft_warmup.py", ["--model", "{tiny}", "--retriever", "http://127.0.0.1:9"], "does not answer"),
+    ("03_grpo_search.py", ["--model", "{tiny}", "--retriever", "http://127.0.0.1:9", "--train_data",
+                           "data/mini/train.jsonl", "--output_dir", "{tmp}/o"], "does not answer"),
+    ("04_eval.py", ["--model", "{tiny}", "--retriever", "http://127.0.0.1:9", "--question", "Who?"],
+     "does not answer"),
     ("extras/view_trajectories.py", [MISSING + ".jsonl"], "missing.jsonl"),
 ]
 

@@ -25,6 +25,7 @@ from conftest import ROOT, load_stage, run_script
 import utils
 
 ev = load_stage("04_eval.py", "eval04")
+tables = __import__("extras.results_table", fromlist=["results_table"])
 api = __import__("extras.api_backend", fromlist=["api_backend"])  # --backend api
 judging = __import__("extras.judge", fromlist=["judge"])  # --judge_base_url
 resume = __import__("extras.resume", fromlist=["resume"])  # a rerun resumes
@@ -87,15 +88,15 @@ def test_metrics_hand_worked(pred, golds, em, f1, acc):
     (" <answer> \\boxed{} </answer>", True, ""),
 ])
 def test_eval_prediction_reads_as_the_reference(text, eos, want):
-    assert utils.eval_prediction(text, eos) == want
+    assert ev.eval_prediction(text, eos) == want
 
 
 def test_eval_and_the_training_reward_differ_where_the_reference_does():
     two = " <think> a </think> <answer> \\boxed{A} </answer> <answer> \\boxed{B} </answer>"
     assert utils.compute_reward(two, ["B"], True)["reward"] == 0.0  # the reward: two answers is a bad format
-    assert utils.eval_prediction(two, True) == "A"  # evaluation: the first, format unchecked
+    assert ev.eval_prediction(two, True) == "A"  # evaluation: the first, format unchecked
     unclosed = " <think> a </think> <answer> \\boxed{A}"
-    assert utils.extract_answer(unclosed) == "A" and utils.eval_prediction(unclosed, True) is None
+    assert utils.extract_answer(unclosed) == "A" and ev.eval_prediction(unclosed, True) is None
 
 
 def test_bootstrap_ci_is_seeded_paired_and_brackets_the_mean():
@@ -103,12 +104,12 @@ def test_bootstrap_ci_is_seeded_paired_and_brackets_the_mean():
     rng = random.Random(1)
     before = [float(rng.random() < 0.3) for _ in range(300)]
     after = [b if rng.random() < 0.9 else 1.0 for b in before]  # mostly the same questions right, a few more
-    mean, low, high = ev.bootstrap_ci(after)
-    assert ev.bootstrap_ci(after) == [mean, low, high] and low < mean < high  # seeded: the same every time
+    mean, low, high = tables.bootstrap_ci(after)
+    assert tables.bootstrap_ci(after) == [mean, low, high] and low < mean < high  # seeded: the same every time
     assert mean == pytest.approx(100 * sum(after) / len(after), abs=0.01)
-    assert ev.bootstrap_ci([1.0] * 10) == [100.0, 100.0, 100.0] and ev.bootstrap_ci(after, after) == [0.0, 0.0, 0.0]
-    d_mean, d_low, d_high = ev.bootstrap_ci(after, before)
-    assert d_mean == pytest.approx(mean - ev.bootstrap_ci(before)[0], abs=0.01) and 0 < d_low < d_mean < d_high
+    assert tables.bootstrap_ci([1.0] * 10) == [100.0, 100.0, 100.0] and tables.bootstrap_ci(after, after) == [0.0, 0.0, 0.0]
+    d_mean, d_low, d_high = tables.bootstrap_ci(after, before)
+    assert d_mean == pytest.approx(mean - tables.bootstrap_ci(before)[0], abs=0.01) and 0 < d_low < d_mean < d_high
     # pairing removes the spread the two runs share: far narrower than either run's own interval
     assert d_high - d_low < (high - low) / 2
 
@@ -202,6 +203,8 @@ def scripted_model_dir(tmp_path_factory, tokenizer, mini_index):
     tok = tokenizer
     ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     search = utils.load_retriever(mini_index)
+    out = tmp_path_factory.mktemp("scripted-instruct")  # "instruct" in its path: FlashRAG's chat prompts
+    engine = SimpleNamespace(tok=tok, sargs=utils.SearchArguments(), args=SimpleNamespace(model=str(out)))
     block = utils.format_result_block(search(["Scott Derrickson"], 3)[0], 30)
     judge_prompt = (judging.JUDGE_PROMPT.replace("{question}", FRANCE["question"])
                     .replace("{gt_answer}", str(FRANCE["golden_answers"])).replace("{pred_answer}", "Paris"))
@@ -211,7 +214,7 @@ def scripted_model_dir(tmp_path_factory, tokenizer, mini_index):
          (ids(" <think> I need his nationality. </think> <search> Scott Derrickson </search>"), 1), (ids(block), 0),
          (ids(" <think> Both are American. </think> <answer> The final answer is \\[ \\boxed{yes} \\] </answer>")
           + [tok.eos_token_id], 1)],
-        [(utils.encode(ev.chat_or_plain(ev.NAIVE_GEN_SYSTEM, f"Question: {FRANCE['question']}", tok, "auto"), tok), 0),
+        [(utils.encode(ev.chat_or_plain(ev.NAIVE_GEN_SYSTEM, f"Question: {FRANCE['question']}", engine), tok), 0),
          (ids("Paris") + [tok.eos_token_id], 1)],
         [(utils.encode(tok.apply_chat_template([{"role": "user", "content": judge_prompt}], tokenize=False,
                                                       add_generation_prompt=True), tok), 0),
@@ -245,7 +248,6 @@ def scripted_model_dir(tmp_path_factory, tokenizer, mini_index):
     else:
         pytest.fail("the scripted model did not learn its trajectories")
     torch.set_num_threads(threads)
-    out = tmp_path_factory.mktemp("scripted")
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)

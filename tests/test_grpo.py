@@ -76,13 +76,14 @@ def search_model_dir(tiny_model_dir, tokenizer, tmp_path_factory):
     return str(out)
 
 
-@pytest.mark.parametrize("fast,per_call", [(False, 0), (True, 0), (False, 15), (True, 15), (True, 5)])
-def test_hf_backend_follows_the_script_token_for_token(search_model_dir, tokenizer, fast, per_call):
+@pytest.mark.parametrize("fast,per_call,dtype", [(False, 0, "float32"), (True, 0, "float32"), (False, 15, "float32"),
+                                                (True, 15, "float32"), (True, 5, "float32"), (True, 5, "bfloat16")])
+def test_hf_backend_follows_the_script_token_for_token(search_model_dir, tokenizer, fast, per_call, dtype):
     """Real Hugging Face generate: both rows generate together, the searching row stops at </search>
     (stop string) while the other runs on to EOS and is padded; the ids are the model's own. The same
     with the KV cache kept across calls (--fast_rollout), and with calls cut every few tokens (15 cuts
-    " </search>" after " </": the stop straddles two calls)."""
-    model = utils.load_model(search_model_dir, device="cpu")
+    " </search>" after " </": the stop straddles two calls). In bf16 too."""
+    model = utils.load_model(search_model_dir, dtype, device="cpu")
     calls = []
     generate = utils.hf_generate_fn(model, tokenizer, fast=fast)
 
@@ -101,28 +102,36 @@ def test_hf_backend_follows_the_script_token_for_token(search_model_dir, tokeniz
         assert calls == [2, 1]
 
 
-def test_hf_cache_reuse_changes_nothing_but_time(tiny_model, tokenizer):
-    """Greedy rollouts of the random tiny model, cut into many calls: identical ids from the plain generate
-    and from --fast_rollout's, which keeps the KV cache across calls (three prompts of different lengths:
-    left padding and holes)."""
-    prompts = [enc(q, tokenizer) for q in ("Question: who?", DIRECT_Q, SEARCH_Q + " Think step by step, please.")]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hf_cache_reuse_changes_nothing_but_time(tiny_model_dir, search_model_dir, tokenizer, dtype):
+    """Greedy rollouts cut into many calls: identical ids from the plain generate and from --fast_rollout's,
+    which keeps the KV cache across calls (prompts of different lengths: left padding and holes). float32:
+    the random tiny model, off any script, on three prompts. bfloat16 rounds keys and values computed in a
+    decode step differently from a prefill's, so near-tied logits (a random model's are all near ties) can
+    flip: there the taught model, whose logits have margins, on its two prompts."""
+    model_dir = tiny_model_dir if dtype == "float32" else search_model_dir
+    model = utils.load_model(model_dir, dtype, device="cpu")
+    questions = ("Question: who?", DIRECT_Q, SEARCH_Q + " Think step by step, please.")
+    if dtype == "bfloat16":
+        questions = (SEARCH_Q, DIRECT_Q)
+    prompts = [enc(q, tokenizer) for q in questions]
     out = {}
     for reuse in (False, True):
-        generate = utils.hf_generate_fn(tiny_model, tokenizer, fast=reuse)
+        generate = utils.hf_generate_fn(model, tokenizer, fast=reuse)
         rows = utils.search_rollout(prompts, generate, word_search(), tokenizer, {tokenizer.eos_token_id},
                                     max_completion_length=40, topk=2, max_new_tokens_per_call=7)
         out[reuse] = [r.completion_ids for r in rows]
-    assert out[True] == out[False] and all(len(ids) == 40 for ids in out[True])
+    assert out[True] == out[False] and all(len(ids) > 7 for ids in out[True])
 
 
-@pytest.mark.parametrize("per_call", [0, 5])
-def test_result_blocks_prefilled_alone_change_nothing(search_model_dir, tokenizer, monkeypatch, per_call):
+@pytest.mark.parametrize("per_call,dtype", [(0, "float32"), (5, "float32"), (5, "bfloat16")])
+def test_result_blocks_prefilled_alone_change_nothing(search_model_dir, tokenizer, monkeypatch, per_call, dtype):
     """Rows resuming after a result block prefill it in a forward of their own (fast_rollout.PREFILL_ALONE),
     not padded inside the batched call: the taught model's rollouts (one row searches, one answers at
     once; calls whole or cut every 5 tokens) follow its script token for token whether blocks are
     prefilled alone (threshold 0: every row with two or more new ids), by the default rule, or never.
     (Off its script the tiny model's logits are near ties, and a different batch shape can flip them.)"""
-    model = utils.load_model(search_model_dir, device="cpu")
+    model = utils.load_model(search_model_dir, dtype, device="cpu")
     prompts = [enc(q, tokenizer) for q in (SEARCH_Q, DIRECT_Q)]
     out, forwards = {}, {}
     model.register_forward_pre_hook(lambda *a: forwards.__setitem__(alone, forwards.get(alone, 0) + 1))
@@ -146,7 +155,7 @@ def _two_rank_worker(rank, model_dir, port, out_dir):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    tok, model = utils.load_tokenizer(model_dir), utils.load_model(model_dir, device="cpu")
+    tok, model = utils.load_tokenizer(model_dir), utils.load_model(model_dir, "float32", device="cpu")
     inside, outside = [False], [0]
     real_generate = model.generate
 
@@ -160,16 +169,18 @@ def _two_rank_worker(rank, model_dir, port, out_dir):
     model.generate = generate
     model.register_forward_pre_hook(lambda *a: outside.__setitem__(0, outside[0] + (not inside[0])))
 
-    def any_rank_active(local: bool) -> bool:
-        flag = torch.tensor([float(local)])
-        dist.all_reduce(flag)
-        return flag.item() > 0
+    def gather(flag):  # accelerator.gather, in plain torch.distributed
+        flags = [torch.zeros_like(flag) for _ in range(2)]
+        dist.all_gather(flags, flag)
+        return torch.cat(flags)
 
     fast_rollout.PREFILL_ALONE = 0  # every resumed row would qualify for a forward of its own
     q = (SEARCH_Q, DIRECT_Q)[rank]
-    rows = utils.search_rollout([enc(q, tok)], utils.hf_generate_fn(model, tok, fast=True), word_search(), tok,
-                                utils.eos_token_ids(tok, model), max_completion_length=300, topk=1,
-                                any_rank_active=any_rank_active)
+    lock_step = __import__("extras.lock_step", fromlist=["lock_step"])
+    generate, wait_for_other_ranks = lock_step.wrap(utils.hf_generate_fn(model, tok, fast=True), gather)
+    rows = utils.search_rollout([enc(q, tok)], generate, word_search(), tok, utils.eos_token_ids(tok, model),
+                                max_completion_length=300, topk=1)
+    wait_for_other_ranks(rows[0].prompt_ids)
     (out_dir / f"{rank}.json").write_text(json.dumps({"outside": outside[0], "ids": rows[0].completion_ids}))
     dist.destroy_process_group()
 
@@ -188,27 +199,35 @@ def test_no_forward_of_one_rank_alone_under_two_ranks(search_model_dir, tokenize
     assert [g["ids"] for g in got] == [scripted_completion(tokenizer, q)[0] for q in (SEARCH_Q, DIRECT_Q)]
 
 
-def make_trainer(grpo, model_dir, tokenizer, out_dir, **config):
+def make_trainer(grpo, model_dir, tokenizer, out_dir, bf16=False, **config):
+    """bf16: what --dtype auto does on a CPU with native bf16: bf16 autocast over float32 master weights,
+    rollouts sampled from a bf16 copy of the policy, a bf16 reference."""
     import transformers
     from datasets import Dataset
     from trl import GRPOConfig
-    kw = dict(output_dir=str(out_dir), num_generations=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-              max_completion_length=300, beta=0.001, learning_rate=1e-5, bf16=False, gradient_checkpointing=False,
+    kw = dict(grpo.PAPER_GRPO)  # the paper's settings, then the test's
+    kw.update(output_dir=str(out_dir), num_generations=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+              max_completion_length=300, beta=0.001, learning_rate=1e-5, bf16=bf16, gradient_checkpointing=False,
               report_to="none", logging_steps=1, max_steps=1, save_strategy="no", disable_dropout=True, seed=0,
-              temperature=0.3)  # the taught model follows its script at this temperature
+              temperature=0.3, use_cpu=True)  # the taught model follows its script at this temperature
     kw.update(config)
     rows = [{"prompt": q, "golden_answers": [g], "question_id": str(i), "question": q}
             for i, (q, g) in enumerate([(SEARCH_Q, "American"), (DIRECT_Q, "4")])]
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    sampler = utils.load_model(model_dir, "bfloat16", device="cpu") if bf16 else None
     return grpo.SearchGRPOTrainer(model=model, args=GRPOConfig(**kw), train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer, search=word_search(), search_args=SEARCH_ARGS,
-                                  trajectory_every=0)
+                                  trajectory_every=0, bf16_sampler=sampler, bf16_reference=bf16)
 
 
-def test_retrieved_tokens_get_exactly_zero_gradient_through_trls_loss(search_model_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_retrieved_tokens_get_exactly_zero_gradient_through_the_owned_loss(search_model_dir, tokenizer, tmp_path, bf16):
+    """The mask built in utils.search_rollout reaches TRL's batch as tool_mask, and 03's _compute_loss gives
+    the retrieved positions exactly zero gradient, every model token some; in float32 and in bf16."""
     grpo = load_script()
-    trainer = make_trainer(grpo, search_model_dir, tokenizer, tmp_path)
+    trainer = make_trainer(grpo, search_model_dir, tokenizer, tmp_path, bf16=bf16)
     trainer.model.train()
+    assert trainer.paper_loss_applies()  # the loss below is 03's own
     batch = next(iter(trainer.get_train_dataloader()))
     inputs = trainer._prepare_inputs(batch)  # TRL: our rollout, the reward, advantages, reference log-probs
 
@@ -251,6 +270,55 @@ def test_retrieved_tokens_get_exactly_zero_gradient_through_trls_loss(search_mod
     assert torch.all(per_token[~real] == 0)
 
 
+LOSS_SETTINGS = {"paper": {}, "no_kl": {"beta": 0.0}, "clipped": {},
+                 "accumulated": {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2},
+                 "bf16": {"bf16": True}, "trl_grpo_loss": {"loss_type": "grpo"}}
+
+
+@pytest.mark.parametrize("setting", list(LOSS_SETTINGS))
+def test_owned_loss_equals_trls_loss_and_gradients(search_model_dir, tokenizer, tmp_path, setting):
+    """03's _compute_loss against TRL 1.16's own on the same batch: the loss and every parameter's gradient
+    agree to 1e-6 relative. clipped: old log-probs moved off the policy's, so both clips act; accumulated:
+    the generation batch split over two accumulation steps (the token normaliser); trl_grpo_loss: a
+    setting 03 does not implement goes to TRL's loss."""
+    from trl import GRPOTrainer
+    trainer = make_trainer(load_script(), search_model_dir, tokenizer, tmp_path, **LOSS_SETTINGS[setting])
+    trainer.model.train()
+    assert trainer.paper_loss_applies() == (setting != "trl_grpo_loss")
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    rows = inputs["completion_ids"].size(0)
+    inputs["advantages"] = torch.tensor([1.0, -0.5, 0.75, -1.0])[:rows]  # every reward is 1.0: give some signal
+    if setting == "clipped":
+        with torch.no_grad():
+            input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+            attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention,
+                                                                      inputs["completion_ids"].size(1))
+        shift = torch.linspace(-0.6, 0.6, logps.numel()).view_as(logps)  # ratios from 0.55 to 1.8
+        inputs["old_per_token_logps"] = logps + shift
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # the loop sets it
+
+    def loss_and_grads(compute):
+        trainer.model.zero_grad()
+        loss = compute(trainer.model, inputs)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    ours, our_grads = loss_and_grads(trainer._compute_loss)
+    trls, trl_grads = loss_and_grads(lambda model, batch: GRPOTrainer._compute_loss(trainer, model, batch))
+    assert ours.item() != 0 and abs(ours.item() - trls.item()) <= 1e-6 * abs(trls.item())
+    assert our_grads.keys() == trl_grads.keys() and len(our_grads) > 0
+    for name, grad in trl_grads.items():
+        assert grad.norm() > 0 or name.endswith("bias")
+        assert (our_grads[name] - grad).norm() <= 1e-6 * grad.norm(), name
+    if setting == "clipped":
+        metrics = trainer._metrics["train"]
+        assert metrics["clip_ratio/low_mean"][-2] > 0 and metrics["clip_ratio/high_mean"][-2] > 0
+        for key in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+            ours_logged, trls_logged = metrics[key][-2:]  # the same metrics, logged by each loss in turn
+            assert ours_logged == pytest.approx(trls_logged, rel=1e-5, abs=1e-9), key
+
+
 def test_two_step_run_writes_checkpoint_logs_trajectories_and_resumes(tiny_model_dir, mini_index, tmp_path):
     out = tmp_path / "grpo"
     cmd = ["03_grpo_search.py", "--config", "configs/grpo_cpu.yaml", "--model", tiny_model_dir, "--retriever",
@@ -286,6 +354,15 @@ def test_two_step_run_writes_checkpoint_logs_trajectories_and_resumes(tiny_model
     assert (out / "checkpoint-2").is_dir() and (out / "config.json").is_file()
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "reward" in h] == [1, 2]
+
+    # Killed while checkpoint-2 was being written (Trainer writes trainer_state.json last): before the fix
+    # the same command died with a bare FileNotFoundError; now it says so, removes it and resumes from 1.
+    (out / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "log_hist')  # torn
+    p = run_script(*cmd)
+    assert "checkpoint-2 is incomplete" in p.stdout and "resuming from" in p.stdout and "checkpoint-1" in p.stdout
+    steps, traj_steps, _ = logged()
+    assert steps == [1, 2] and traj_steps == [1, 1, 2, 2]
+    json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())  # written whole again
 
     # the same folder with other settings is refused with the setting named, not resumed or crashed deep in
     # Trainer (use_lora, learning rate, beta, loss_type and dtype were not checked before)

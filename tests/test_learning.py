@@ -5,11 +5,12 @@ recomputed from the text, the paired CIs from those, and no reported question wa
 import importlib
 import json
 
-from conftest import ROOT
+from conftest import ROOT, load_stage
 
 import utils
 
 RESULTS = ROOT / "benchmarks" / "results"
+ev = load_stage("04_eval.py", "eval04")
 
 
 def test_committed_learning_result_rescores_to_its_table():
@@ -21,7 +22,7 @@ def test_committed_learning_result_rescores_to_its_table():
         for side in ("before", "after"):
             s = r[side]
             text, eos = s["trajectory"], s["ended_with_eos"]
-            assert s["prediction"] == (utils.eval_prediction(text, eos) or ""), (r["id"], side)
+            assert s["prediction"] == (ev.eval_prediction(text, eos) or ""), (r["id"], side)
             assert s["prediction"] in text
             scored[side][r["id"]] = {"f1": utils.f1_score(s["prediction"], r["golden_answers"]),
                                      "em": utils.exact_match(s["prediction"], r["golden_answers"]),

@@ -26,7 +26,7 @@ def ids_of(text: str, tok) -> list[int]:
 def scripted_generate(scripts: dict[str, list[str]], tok, calls: list, logprob_of=None):
     """A utils.GenerateFn replaying scripts {prompt text: [turn text, ...]}: a row is recognised by its
     prompt ids, its n-th call gets turn n. Rows come back padded with EOS to the longest (SmolLM2's pad
-    id is its EOS id). With logprob_of, it returns (ids, logprobs) like the vLLM back end."""
+    id is its EOS id). Returns (ids, None), or with logprob_of (ids, logprobs) like the vLLM back end."""
     prompts = {tuple(tok(p, add_special_tokens=False)["input_ids"]): p for p in scripts}
     seen = defaultdict(int)
 
@@ -41,7 +41,7 @@ def scripted_generate(scripts: dict[str, list[str]], tok, calls: list, logprob_o
         width = max(len(o) for o in outs)
         outs = [o + [tok.eos_token_id] * (width - len(o)) for o in outs]
         if logprob_of is None:
-            return outs
+            return outs, None
         return outs, [[logprob_of(t) for t in o] for o in outs]
 
     return generate
@@ -258,9 +258,12 @@ def test_vllm_style_logprobs_stay_aligned(tokenizer):
         assert all(lp == -t / 1e5 for t, lp, m in zip(r.completion_ids, r.logprobs, r.mask) if m)
 
 
-def test_lock_step_hook_keeps_generate_calls_equal_across_ranks(tokenizer):
-    """Rank A's rows all answer at once; rank B's row searches three times. With the hook, A makes
-    as many generate calls as B (dummy one-token calls once it is done) and its rollouts are unchanged."""
+def test_lock_step_keeps_generate_calls_equal_across_ranks(tokenizer):
+    """extras/lock_step.py, as 03 wraps generate under several processes. Rank A's row answers at once; rank
+    B's searches three times. A makes as many generate calls as B (one-token dummy calls once it is done)
+    and its rollout is unchanged."""
+    import torch
+    lock_step = __import__("extras.lock_step", fromlist=["lock_step"])
     tok, q3 = tokenizer, "Q3: Who directed Doctor Strange and where is he from?"
     # run B first to know its per-turn activity, then A against it (ranks would run concurrently)
     calls_b = []
@@ -268,15 +271,19 @@ def test_lock_step_hook_keeps_generate_calls_equal_across_ranks(tokenizer):
     b_active = [True] * len(calls_b) + [False]
     calls_a, turn = [], iter(range(100))
 
-    def any_rank_active(local: bool) -> bool:
-        i = next(turn)
-        return local or b_active[min(i, len(b_active) - 1)]
+    def gather(flag):  # what accelerator.gather returns: A's flag, then B's at the same call
+        b_flag = b_active[min(next(turn), len(b_active) - 1)]
+        return torch.tensor([flag.item(), float(b_flag)])
 
-    scripts_a = {"Q0: What is 2 + 2?": SCRIPTS["Q0: What is 2 + 2?"] + [" dummy"] * 5}
-    (r,) = rollout(scripts_a, tok, calls=calls_a, any_rank_active=any_rank_active)
+    q0 = "Q0: What is 2 + 2?"
+    generate = scripted_generate({q0: SCRIPTS[q0] + [" dummy"] * 5}, tok, calls_a)
+    generate, wait_for_other_ranks = lock_step.wrap(generate, gather)
+    (r,) = utils.search_rollout([ids_of(q0, tok)], generate, word_search(), tok, {tok.eos_token_id},
+                                max_completion_length=2000, topk=2)
+    assert wait_for_other_ranks(r.prompt_ids) == 3
     assert len(calls_a) == len(calls_b) == 4
     assert [c["max_new_tokens"] for c in calls_a[1:]] == [1, 1, 1]  # dummy calls
-    assert r.completion_ids == ids_of(SCRIPTS["Q0: What is 2 + 2?"][0], tok) and r.ended_with_eos
+    assert r.completion_ids == ids_of(SCRIPTS[q0][0], tok) and r.ended_with_eos
 
 
 @pytest.mark.parametrize("per_call", [1, 2, 3, 0])
@@ -292,7 +299,7 @@ def test_a_passage_ending_in_search_close_does_not_stop_the_next_turn(tokenizer,
     full = turns[0] + block + turns[1]
 
     def generate(contexts, max_new_tokens):  # replays the script, at most max_new_tokens ids per call
-        return [full[len(c) - len(prompt):][:max_new_tokens] for c in contexts]
+        return [full[len(c) - len(prompt):][:max_new_tokens] for c in contexts], None
 
     (r,) = utils.search_rollout([prompt], generate, word_search(evil), tok, {tok.eos_token_id},
                                 max_completion_length=2000, topk=1, max_new_tokens_per_call=per_call)
