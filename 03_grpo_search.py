@@ -301,6 +301,8 @@ def save_final_model(trainer, tok, out_dir: Path, merge_lora: bool) -> None:
 
 def main():
     args, sargs, targs = utils.parse_args(GRPOSearchArguments, utils.SearchArguments, GRPOConfig, defaults=PAPER_GRPO)
+    if targs.use_vllm:  # the engine's length set and checked (and vLLM's CPU build prepared) before anything loads
+        importlib.import_module("extras.vllm_rollout").prepare(args, sargs, targs)
     out_dir, main_process = Path(targs.output_dir), targs.process_index == 0
     ckpt, resumed_step = check_output_dir(out_dir, args)
     if ckpt:  # a run with other settings is refused, not mixed in (extras/resume.py)

@@ -387,6 +387,8 @@ def main():
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise utils.ReSearchError(f"--output_dir {out_dir}: cannot create it ({e})") from e
+    if args.backend != "hf":  # a research prompt the engine cannot hold with its budget: refused before it starts
+        importlib.import_module(f"extras.{args.backend}_backend").check_prompts(args, sargs, datasets)
     e = load_engine(args, sargs)
     header = {"model": args.model, "model_fingerprint": model_fingerprint(args.model), "backend": args.backend,
               "retriever": getattr(e.search, "description", sargs.retriever), "decoding": "greedy",

@@ -255,7 +255,8 @@ def search_rollout(prompt_ids: list[list[int]], generate: GenerateFn, search: Se
         budget = max(max_completion_length - len(r.completion_ids) for r in active)
         budget = min(budget, max_new_tokens_per_call or budget)
         outs = generate([r.prompt_ids + r.completion_ids for r in active], budget)
-        outs, logprobs = outs if isinstance(outs, tuple) else (outs, [None] * len(outs))
+        outs, logprobs = outs if isinstance(outs, tuple) else (outs, None)
+        logprobs = [None] * len(outs) if logprobs is None else logprobs  # (ids, None): a back end without them
         paused: list[Rollout] = []
         for r, new, lp in zip(active, outs, logprobs):
             room = max_completion_length - len(r.completion_ids)

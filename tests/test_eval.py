@@ -197,9 +197,14 @@ def test_read_predictions_tolerates_only_a_truncated_last_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def scripted_model_dir(tmp_path_factory, tokenizer, mini_index):
+    return train_scripted_model(tmp_path_factory.mktemp("scripted"), tokenizer, mini_index)
+
+
+def train_scripted_model(out: Path, tok, mini_index: str, heads: int = 4, kv_heads: int = 2) -> str:
+    """The scripted model, saved in out. heads / kv_heads: 4 / 2 (head size 16) here; tests/test_vllm.py
+    asks for 2 / 1 (head size 32: vLLM's CPU attention takes 32 and up)."""
     import torch
     import transformers
-    tok = tokenizer
     ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     search = utils.load_retriever(mini_index)
     block = utils.format_result_block(search(["Scott Derrickson"], 3)[0], 30)
@@ -221,7 +226,8 @@ def scripted_model_dir(tmp_path_factory, tokenizer, mini_index):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                                   num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   max_position_embeddings=4096,
                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     model = transformers.LlamaForCausalLM(cfg)
@@ -245,7 +251,6 @@ def scripted_model_dir(tmp_path_factory, tokenizer, mini_index):
     else:
         pytest.fail("the scripted model did not learn its trajectories")
     torch.set_num_threads(threads)
-    out = tmp_path_factory.mktemp("scripted")
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
