@@ -8,7 +8,18 @@ import importlib
 import utils
 
 GPU_MEMORY_UTILIZATION = 0.85  # the share of GPU memory vLLM takes (the evaluation is alone on the GPU)
-MAX_PROMPT_LENGTH = 512  # the engine holds a prompt this long (the paper's limit) + --max_completion_length
+
+
+def engine_length(model: str) -> int:
+    """The engine's max_model_len: the model's whole context (max_position_embeddings), vLLM's own default,
+    stated so that the check below needs no engine. Not 512 + --max_completion_length: IRCoT's prompt (its
+    demonstration and every passage found so far) outgrows that."""
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(utils.resolve_model(model))
+    except (OSError, ValueError) as e:
+        raise utils.ReSearchError(f"--model {model}: cannot read its config ({e})") from e
+    return getattr(cfg.get_text_config(), "max_position_embeddings")
 
 
 def shutdown(llm) -> None:
@@ -30,10 +41,10 @@ def backend(args, tok, eos_ids: set[int]):
     dtype = args.dtype
     if dtype == "auto":  # as utils.load_model: float32 on a CPU (bf16 is ~4x slower there), bfloat16 on a GPU
         dtype = "float32" if on_cpu else "bfloat16"
-    max_len = MAX_PROMPT_LENGTH + args.max_completion_length
-    if on_cpu:  # a KV cache for a batch of full-length rows, not a share of the machine's RAM
-        dtype_bytes = 4 if dtype == "float32" else 2
-        memory = {"kv_cache_memory_bytes": cpu.kv_cache_bytes(args.model, args.batch_size * max_len, dtype_bytes)}
+    max_len = engine_length(args.model)
+    if on_cpu:  # a KV cache for a batch of research rows (and one row of the whole length), not a share of the RAM
+        tokens = max(max_len, args.batch_size * (512 + args.max_completion_length))
+        memory = {"kv_cache_memory_bytes": cpu.kv_cache_bytes(args.model, tokens, 4 if dtype == "float32" else 2)}
     else:
         memory = {"gpu_memory_utilization": GPU_MEMORY_UTILIZATION}
     llm = LLM(model=args.model, tokenizer=args.model, dtype=dtype, seed=0, max_model_len=max_len,
@@ -46,7 +57,7 @@ def backend(args, tok, eos_ids: set[int]):
         for p in prompts:
             if len(p) >= max_len:
                 raise utils.ReSearchError(f"--backend vllm: a prompt of {len(p)} tokens does not fit the engine's "
-                                          f"max_model_len {max_len} ({MAX_PROMPT_LENGTH} + --max_completion_length)")
+                                          f"max_model_len {max_len} (the model's context)")
         # each row asks for what fits after its own prompt
         params = [SamplingParams(temperature=0.0, max_tokens=min(max_new_tokens, max_len - len(p)),
                                  stop=stop, include_stop_str_in_output=True, skip_special_tokens=True,
@@ -71,11 +82,10 @@ def backend(args, tok, eos_ids: set[int]):
 
 def check_prompts(args, sargs, datasets: list[dict], max_len: int | None = None, where: str = "") -> None:
     """Refuse, before the engine starts, a research prompt that it cannot hold with its whole budget
-    (--backend vllm: its engine, MAX_PROMPT_LENGTH + --max_completion_length; api: the server's length).
-    datasets: 04_eval.py's load_datasets()."""
+    (--backend vllm: its engine, the model's context; api: the server's length). datasets: 04_eval.py's
+    load_datasets()."""
     if max_len is None and args.backend == "vllm":
-        max_len = MAX_PROMPT_LENGTH + args.max_completion_length
-        where = f"({MAX_PROMPT_LENGTH} + --max_completion_length)"
+        max_len, where = engine_length(args.model), "(the model's context)"
     if max_len is None or "research" not in args.methods:
         return  # a server that does not say its length
     tok = utils.load_tokenizer(args.model)

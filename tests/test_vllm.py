@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -23,17 +24,16 @@ from types import SimpleNamespace
 
 import pytest
 
-import utils
 from conftest import ROOT, run_script
-from test_eval import CPU, Q1, free_port, read_jsonl, train_scripted_model
-from test_grpo import DIRECT_Q, SEARCH_Q, enc, scripted_completion, teach
+from test_eval import CPU, free_port, read_jsonl, train_scripted_model
+from test_grpo import DIRECT_Q, SEARCH_Q, enc, load_script, make_trainer, scripted_completion, teach
 
 vllm_rollout = __import__("extras.vllm_rollout", fromlist=["vllm_rollout"])
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 TAG = "mini_hotpotqa_dev"
 METHODS = ["naive-gen", "naive-rag", "iter-retgen", "ircot", "research"]
-SERVER_LEN = 1024  # the server's --max-model-len: small, so that server mode's request length matters
+SERVER_LEN = 2048  # the server's --max-model-len: small, so that request lengths matter (IRCoT's prompts ~1k)
 
 
 def vllm_missing() -> str | None:
@@ -127,10 +127,29 @@ def test_03_refuses_a_colocated_engine_shorter_than_the_budget(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 04 --backend vllm (one engine), compared with --backend hf
 # ---------------------------------------------------------------------------------------------
+# Ids that are not the tokenizer's segmentation of their text: " An" "im" "orph" "s" (a model may sample them;
+# the tokenizer writes " Anim" "orph" "s"). Decoded and re-encoded, they change.
+ODD_PIECES = [" An", "im", "orph", "s"]
+SPELL_Q, SAY_Q = "Q: which spelling?", "Q: say it."
+
+
+def odd_ids(tok) -> list[int]:
+    return [tok.convert_tokens_to_ids(tok.tokenize(p))[0] for p in ODD_PIECES]
+
+
 @pytest.fixture(scope="module")
 def vllm_model_dir(tmp_path_factory, tokenizer, mini_index):
-    """test_eval's scripted model (its research trajectory on Q1, "Paris" for naive-gen), head size 32."""
-    return train_scripted_model(tmp_path_factory.mktemp("scripted32"), tokenizer, mini_index, heads=2, kv_heads=1)
+    """test_eval's scripted model (its research trajectory on Q1, "Paris" for naive-gen), head size 32, also
+    taught: after SPELL_Q + the odd ids, " odd"; after SPELL_Q + the tokenizer's ids, " canonical"; after
+    SAY_Q, the odd ids."""
+    tok = tokenizer
+    odd, canonical = odd_ids(tok), enc(" Animorphs", tok)
+    assert odd != canonical and tok.decode(odd) == tok.decode(canonical)
+    extra = [[(enc(SPELL_Q, tok) + odd, 0), (enc(" odd", tok) + [tok.eos_token_id], 1)],
+             [(enc(SPELL_Q, tok) + canonical, 0), (enc(" canonical", tok) + [tok.eos_token_id], 1)],
+             [(enc(SAY_Q, tok), 0), (odd + [tok.eos_token_id], 1)]]
+    return train_scripted_model(tmp_path_factory.mktemp("scripted32"), tok, mini_index, heads=2, kv_heads=1,
+                                extra=extra)
 
 
 @pytest.fixture(scope="module")
@@ -163,14 +182,15 @@ def test_04_vllm_back_end_runs_every_method_and_matches_hf(evals):
 
 @needs_vllm
 def test_04_refuses_research_prompts_the_engine_cannot_hold(tmp_path, vllm_model_dir, mini_index):
-    """--backend vllm's engine holds 512 + --max_completion_length: a longer prompt is refused before it starts."""
+    """--backend vllm's engine holds the model's context (4096 here): a research prompt that leaves less than
+    --max_completion_length of it is refused before the engine starts."""
     data = tmp_path / "long.jsonl"
-    data.write_text(json.dumps({"id": "long", "question": "Why? " * 400, "golden_answers": ["x"]}) + "\n")
+    data.write_text(json.dumps({"id": "long", "question": "Why? " * 1860, "golden_answers": ["x"]}) + "\n")
     p = run_vllm("04_eval.py", "--model", vllm_model_dir, "--retriever", mini_index, *CPU, "--datasets", data,
                  "--backend", "vllm", "--methods", "research", "--output_dir", tmp_path / "o", check=False, timeout=300)
     line = one_line_error(p)
     assert "question long: its prompt (" in line
-    assert line.endswith("exceed the engine's length 768 (512 + --max_completion_length)")
+    assert line.endswith("+ --max_completion_length 256 exceed the engine's length 4096 (the model's context)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,43 +251,33 @@ def test_04_api_back_end_against_vllms_server_is_token_exact(evals, vllm_server,
 
 @needs_vllm
 def test_api_rows_keep_ids_that_text_would_change(vllm_server, vllm_model_dir, tokenizer):
-    """A context whose ids are not the tokenizer's own segmentation of its text (" An"+"im"+"orph"+"s", as a
-    model may sample them; the tokenizer writes " Anim"+"orph"+"s"): the server continues exactly those ids,
-    and the row keeps exactly the ids the server sampled."""
-    import openai
-
+    """Ids that text would change, both ways: the server continues exactly the context's ids (SPELL_Q + the
+    odd ids -> " odd"; sent as text it reads the tokenizer's ids -> " canonical"), and the row keeps exactly
+    the ids the server sampled (SAY_Q -> the odd ids; read back from text they would become " Anim" ...)."""
     api = __import__("extras.api_backend", fromlist=["api_backend"])
-    pieces = [" An", "im", "orph", "s", ".", " Next"]
-    odd = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(p))[0] for p in pieces]
-    context = utils.encode(utils.build_prompt(Q1, tokenizer), tokenizer) + odd
-    assert utils.encode(tokenizer.decode(context), tokenizer) != context  # text would not give these ids back
+    tok = tokenizer
     args = SimpleNamespace(api_base_url=vllm_server + "/v1", model=vllm_model_dir, batch_size=2)
-    generate, _ = api.backend(args, tokenizer, {tokenizer.eos_token_id})
-    rows, logprobs = generate([context], 24)
-    raw = openai.OpenAI(base_url=vllm_server + "/v1", api_key="x").completions.create(
-        model=vllm_model_dir, prompt=context, max_tokens=24, temperature=0.0, stop=[utils.SEARCH_CLOSE],
-        extra_body={"return_token_ids": True, "include_stop_str_in_output": True}).choices[0]
-    assert raw.model_extra["prompt_token_ids"] == context  # the server read these ids
-    sampled = raw.model_extra["token_ids"]
-    assert rows[0] in (sampled, sampled + [tokenizer.eos_token_id]) and logprobs is None
+    generate, _ = api.backend(args, tok, {tok.eos_token_id})
+    rows, logprobs = generate([enc(SPELL_Q, tok) + odd_ids(tok), enc(SAY_Q, tok)], 8)
+    assert rows == [enc(" odd", tok) + [tok.eos_token_id], odd_ids(tok) + [tok.eos_token_id]] and logprobs is None
 
 
 @needs_vllm
 def test_api_refuses_research_prompts_the_server_cannot_hold(tmp_path, vllm_server, vllm_model_dir, mini_index):
     p = run_script("04_eval.py", "--model", vllm_model_dir, "--retriever", mini_index, *CPU, "--limit", "1",
-                   "--max_completion_length", "900", "--backend", "api", "--api_base_url", vllm_server + "/v1",
+                   "--max_completion_length", "1900", "--backend", "api", "--api_base_url", vllm_server + "/v1",
                    "--methods", "research", "--output_dir", tmp_path / "o", check=False)
     line = one_line_error(p)
-    assert "+ --max_completion_length 900 exceed the engine's length 1024 (the server's max_model_len" in line
+    assert f"+ --max_completion_length 1900 exceed the engine's length {SERVER_LEN} (the server's max_model_len" in line
 
 
 @needs_vllm
 def test_03_refuses_a_server_shorter_than_the_budget(tmp_path, vllm_server):
     p = run_vllm("03_grpo_search.py", "--config", "configs/grpo_cpu.yaml", "--use_vllm", "true", "--vllm_mode",
-                 "server", "--vllm_server_base_url", vllm_server, "--max_completion_length", "600",
+                 "server", "--vllm_server_base_url", vllm_server, "--max_completion_length", "1600",
                  "--output_dir", tmp_path / "g", check=False, timeout=300)
     assert one_line_error(p) == (f"error: the vLLM server's ({vllm_server}) max_model_len is {SERVER_LEN}, shorter "
-                                 f"than --max_prompt_length 512 + --max_completion_length 600 = 1112")
+                                 f"than --max_prompt_length 512 + --max_completion_length 1600 = 2112")
 
 
 SERVER_MODE = """
@@ -289,9 +299,10 @@ vg.__dict__.update(mode="server", accelerator=Accelerator(cpu=True), vllm_client
                    generation_kwargs={"stop": ["</search>"], "include_stop_str_in_output": True})
 max_len = vllm_rollout.server_max_model_len(url)
 words = tok("one two three four five six seven eight nine ten", add_special_tokens=False)["input_ids"]
-long = (words * 100)[: max_len - 40]  # room for 40 tokens
+many = words * (max_len // len(words) + 1)
+long = many[: max_len - 40]  # room for 40 tokens
 short = words[:5]
-full = (words * 200)[:max_len]  # no room at all
+full = many[:max_len]  # no room at all
 report = {"max_len": max_len, "calls": []}
 # what the rollout asked before: the largest budget for every row of the request
 vg.max_completion_length = 300
@@ -340,17 +351,18 @@ def test_server_mode_never_asks_for_more_than_fits(vllm_server, vllm_model_dir, 
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def search_model32(tokenizer, tmp_path_factory):
-    """test_grpo's taught model (one question answered at once, one searched once), head size 32."""
+    """test_grpo's taught model (one question answered at once, one searched once), 4 heads of 32."""
     import torch
     import transformers
     tok = tokenizer
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     model = transformers.LlamaForCausalLM(cfg)
-    teach(model, [(enc(p, tok), scripted_completion(tok, p)[0]) for p in (SEARCH_Q, DIRECT_Q)], tok.eos_token_id)
+    pairs = [(enc(p, tok), scripted_completion(tok, p)[0]) for p in (SEARCH_Q, DIRECT_Q)]
+    teach(model, pairs, tok.eos_token_id, lr=3e-3)  # (1e-2 does not converge at this width)
     out = tmp_path_factory.mktemp("search32")
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -359,8 +371,8 @@ def search_model32(tokenizer, tmp_path_factory):
 
 @needs_vllm
 def test_03_colocated_vllm_two_steps(search_model32, mini_index, tmp_path):
-    """The CPU preset's command with --use_vllm true and two steps (a high learning rate, so that the policy
-    visibly moves; temperature 0.3, at which the taught model follows its script), run through
+    """The CPU preset's command with --use_vllm true and two steps (temperature 0.3, at which the taught model
+    follows its script), run through
     tests/vllm_grpo_driver.py (see there): layout and log-probs of the vLLM rollout, the weight sync reaching
     the engine, finite losses, the final model saved, and the command returning."""
     data = tmp_path / "train.jsonl"
@@ -371,21 +383,67 @@ def test_03_colocated_vllm_two_steps(search_model32, mini_index, tmp_path):
                  "--config", "configs/grpo_cpu.yaml", "--model", search_model32, "--use_vllm", "true",
                  "--max_steps", "2", "--train_data", data, "--retriever", mini_index, "--output_dir", out,
                  "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "300",
-                 "--temperature", "0.3", "--learning_rate", "3e-3", "--vllm_importance_sampling_correction", "true",
+                 "--temperature", "0.3", "--vllm_importance_sampling_correction", "true",
                  "--report_to", "none", timeout=1200)
     report = json.loads((tmp_path / "report.json").read_text())
     failed = [name for name, ok in report["checks"].items() if not ok]
     assert len(report["checks"]) == 6 and not failed, failed
     assert report["last_rollouts_logprobs_ok"]
-    # the engine's log-probs are the policy's (bf16 engine vs fp32 policy) before and after the weight sync,
-    # and the policy moved more than ten times that
-    tolerance = 0.05
+    # the engine's log-probs of the fixed sequence are the policy's (bf16 engine vs fp32 policy: largest
+    # difference within 0.1; measured 0.02 and 0.08) at the start, and after TRL's sync of a policy moved by
+    # more than 20 times that (measured 8.2); before the sync they are the old weights' (8.2 off)
+    tolerance = 0.1
     assert report["engine_vs_policy_before"] < tolerance and report["engine_vs_policy_after"] < tolerance, report
-    assert report["policy_moved"] > 10 * tolerance, report
+    assert report["policy_moved"] > 20 * tolerance and report["engine_vs_policy_unsynced"] > 20 * tolerance, report
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "reward" in m]
     assert [m["step"] for m in steps] == [1, 2] and all(math.isfinite(m["loss"]) for m in steps)
-    # TRL's own measure of the same thing at step 2, whose rollouts came after the first sync
-    assert steps[1]["sampling/sampling_logp_difference/mean"] < tolerance, steps[1]
+    # TRL's own measure, on the trained tokens of step 2 (its rollouts came after TRL's first sync): vLLM's
+    # sampling log-probs (temperature-scaled, as TRL's) against the policy's
+    assert steps[1]["sampling/sampling_logp_difference/mean"] < 0.05, steps[1]  # measured 0.006
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert "vllm True" in p.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# On a CUDA machine with vLLM in the test venv (make setup-gpu): the trainer in-process, and server mode with
+# its NCCL weight sync (CUDA only). Skipped here with the reason.
+# ---------------------------------------------------------------------------------------------
+def check_vllm_rollout(trainer, tokenizer):
+    out = trainer.search_rollout([SEARCH_Q, DIRECT_Q])
+    for q, ids, mask, logprobs in zip((SEARCH_Q, DIRECT_Q), out["completion_ids"], out["env_mask"], out["logprobs"]):
+        assert (ids, mask) == scripted_completion(tokenizer, q)  # same layout as the HF back end
+        assert len(logprobs) == len(ids) and all((lp is None) == (m == 0) for lp, m in zip(logprobs, mask))
+
+
+def cuda_devices() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+@pytest.mark.skipif(cuda_devices() < 1, reason="the in-process colocate test needs a CUDA GPU (none here)")
+def test_vllm_colocate_backend_same_layout_on_a_gpu(search_model32, tokenizer, tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed in the test venv (make setup-gpu)")
+    trainer = make_trainer(load_script(), search_model32, tokenizer, tmp_path, use_vllm=True, vllm_mode="colocate",
+                           vllm_gpu_memory_utilization=0.2, vllm_max_model_length=1024)
+    check_vllm_rollout(trainer, tokenizer)
+    trainer.train()  # one step: weight sync, importance-sampling correction with our log-probs
+
+
+@pytest.mark.skipif(cuda_devices() < 2, reason="vLLM server mode needs 2 CUDA GPUs (server, trainer)")
+def test_vllm_server_backend_same_layout_on_gpus(search_model32, tokenizer, tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed in the test venv (make setup-gpu)")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "trl.cli.main", "vllm-serve", "--model", search_model32,
+                               "--port", str(port), "--gpu_memory_utilization", "0.3", "--max_model_len", "1024"],
+                              env=dict(os.environ, CUDA_VISIBLE_DEVICES="1"), start_new_session=True)
+    try:
+        trainer = make_trainer(load_script(), search_model32, tokenizer, tmp_path, use_vllm=True,
+                               vllm_mode="server", vllm_server_base_url=f"http://127.0.0.1:{port}")
+        check_vllm_rollout(trainer, tokenizer)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

@@ -5,8 +5,8 @@ train() is wrapped to look inside, with the engine the run itself built:
     the script's ids and mask, as the Hugging Face path's rollout of the same prompts; sampling log-probs at
     every model token and None at retrieved ones; the engine's and the policy's log-probs of a fixed
     sequence (the searching script) agree;
-  after training: TRL's weight sync (the call it makes before each rollout) reaches the engine: its log-probs
-    of that sequence are the trained policy's again, and the policy moved far more than they differ.
+  after training: TRL's weight sync (the call it makes before each rollout) reaches the engine: the trained
+    policy, moved by a fixed random amount, differs from the engine until the sync, and agrees after it.
 Writes a JSON report to argv[1]; exits non-zero on any failed check or error."""
 
 import json
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
+sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 
 import test_grpo  # noqa: E402  (the taught model's script, word_search)
 from conftest import load_stage  # noqa: E402
@@ -71,13 +71,22 @@ def main():
             checks[f"vllm mask = hf mask: {q}"] = (r.completion_ids, r.mask) == (h.completion_ids, h.mask)
             checks[f"log-probs at model tokens only: {q}"] = len(r.logprobs) == len(r.mask) and all(
                 (lp is None) == (m == 0) and (lp is None or math.isfinite(lp)) for lp, m in zip(r.logprobs, r.mask))
-        before = policy_logprobs(trainer.model, seq)
-        report["engine_vs_policy_before"] = max_diff(engine_logprobs(llm, seq), before)
+        report["engine_vs_policy_before"] = max_diff(engine_logprobs(llm, seq), policy_logprobs(trainer.model, seq))
         out = train(trainer, *args, **kwargs)
-        trainer.vllm_generation.sync_weights()  # what TRL does before the next rollout
-        after = policy_logprobs(trainer.model, seq)
-        report["engine_vs_policy_after"] = max_diff(engine_logprobs(llm, seq), after)
-        report["policy_moved"] = max_diff(before, after)
+        # The weight sync, made visible: the policy after its steps is moved by a fixed random amount (the two
+        # steps themselves may move it by nothing: the taught model's groups get equal rewards, advantage 0),
+        # then TRL's own sync (the call it makes before each rollout) must carry it into the engine.
+        trained = policy_logprobs(trainer.model, seq)
+        import torch
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for param in trainer.model.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+        moved = policy_logprobs(trainer.model, seq)
+        report["policy_moved"] = max_diff(trained, moved)
+        report["engine_vs_policy_unsynced"] = max_diff(engine_logprobs(llm, seq), moved)
+        trainer.vllm_generation.sync_weights()
+        report["engine_vs_policy_after"] = max_diff(engine_logprobs(llm, seq), moved)
         report["last_rollouts_logprobs_ok"] = all(
             r.logprobs is not None and len(r.logprobs) == len(r.mask)
             and all((lp is None) == (m == 0) for lp, m in zip(r.logprobs, r.mask)) for r in trainer._rollouts)
