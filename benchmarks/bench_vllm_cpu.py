@@ -62,9 +62,6 @@ def main():
     if not a.packed:
         cpu.keep_weights_reloadable()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu.kv_cache_gib(a.model, len(prompts) * max_len, 2)))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
     accelerator = Accelerator(cpu=True)
     t0 = time.perf_counter()
     vg = VLLMGeneration(model, accelerator, tok, mode="colocate", max_model_length=max_len,
