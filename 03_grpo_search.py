@@ -361,6 +361,8 @@ def save_final_model(trainer, tok, out_dir: Path, merge_lora: bool) -> None:
 
 def main():
     args, sargs, targs = utils.parse_args(GRPOSearchArguments, utils.SearchArguments, GRPOConfig, defaults=PAPER_GRPO)
+    if targs.use_vllm:  # the engine's length set and checked (and vLLM's CPU build prepared) before anything loads
+        importlib.import_module("extras.vllm_rollout").prepare(args, sargs, targs)
     out_dir = Path(targs.output_dir)
     main_process = targs.process_index == 0
     if Path(args.model).exists() and out_dir.resolve() == Path(args.model).resolve():
@@ -372,7 +374,6 @@ def main():
     tok = utils.load_tokenizer(args.model)
     search = utils.load_retriever(sargs.retriever)
     dataset, too_long = load_prompts(args, sargs, tok)
-    retriever = getattr(search, "description", sargs.retriever)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tb"))  # one folder across resumes
     precision = precision_plan(args.dtype, args.use_lora, targs)
     policy = utils.load_model(args.model, precision["policy"], device="cpu")  # the Trainer places it
@@ -394,9 +395,9 @@ def main():
             if ckpt:  # the resumed run logs the steps after its checkpoint again: drop what was logged for them
                 resume.truncate_logs(out_dir, resumed_step, trainer)
             run = {"model": args.model, "train_data": args.train_data, "questions": len(dataset),
-                   "dropped_long_prompts": too_long, "retriever": retriever, "top-k": sargs.topk,
-                   "max_completion_length": targs.max_completion_length, "group": targs.num_generations,
-                   "vllm": targs.use_vllm, "processes": targs.world_size}
+                   "dropped_long_prompts": too_long, "retriever": getattr(search, "description", sargs.retriever),
+                   "top-k": sargs.topk, "max_completion_length": targs.max_completion_length,
+                   "group": targs.num_generations, "vllm": targs.use_vllm, "processes": targs.world_size}
             if ckpt:
                 run["resuming from"] = ckpt
             print(" | ".join(f"{key} {value}" for key, value in run.items()), flush=True)
@@ -408,12 +409,11 @@ def main():
     trainer.train(resume_from_checkpoint=ckpt)
     save_final_model(trainer, tok, out_dir, args.merge_lora)  # every rank calls it (ZeRO-3 gathers weights)
     if main_process:
-        trajectories = out_dir / "trajectories.jsonl"  # and a page showing which tokens were trained
-        page = None
-        if trajectories.is_file():
-            page = importlib.import_module("extras.view_trajectories").write_page(trajectories)
-        print(f"done in {time.perf_counter() - t0:.0f}s: model -> {out_dir} (use as --model), rollouts -> {page}; "
+        print(f"done in {time.perf_counter() - t0:.0f}s: model -> {out_dir} (use as --model); "
               f"curves: python extras/plot_curves.py {out_dir}")
+        trajectories = out_dir / "trajectories.jsonl"
+        if trajectories.is_file():  # a page showing which tokens were trained
+            print(f"rollouts -> {importlib.import_module('extras.view_trajectories').write_page(trajectories)}")
 
 
 if __name__ == "__main__":

@@ -149,14 +149,16 @@ def load_engine(args: EvalArguments, sargs: utils.SearchArguments) -> SimpleName
         eos_ids = utils.eos_token_ids(tok, transformers.GenerationConfig.from_pretrained(args.model))
     except OSError:
         eos_ids = utils.eos_token_ids(tok)
-    engine = SimpleNamespace(tok=tok, search=search, eos_ids=eos_ids, args=args, sargs=sargs, dtype=args.dtype)
+    precision = importlib.import_module("extras.precision")  # auto: bfloat16 where native, else float32
+    engine = SimpleNamespace(tok=tok, search=search, eos_ids=eos_ids, args=args, sargs=sargs)
+    engine.dtype = precision.choose_dtype(args.dtype)
+    if args.backend == "api":
+        engine.dtype = "the server's"
+    print(f"precision: {engine.dtype} ({precision.native_bf16()[1]})", file=sys.stderr)
     if args.backend != "hf":  # extras/vllm_backend.py, extras/api_backend.py
         backend = importlib.import_module(f"extras.{args.backend}_backend")
         engine.generate_ids, engine.complete = backend.backend(args, tok, eos_ids)
         return engine
-    precision = importlib.import_module("extras.precision")
-    engine.dtype = precision.choose_dtype(args.dtype)
-    print(f"precision: {engine.dtype} ({precision.native_bf16()[1]})", file=sys.stderr)
     model = utils.load_model(args.model, dtype=engine.dtype)
 
     def complete(prompts: list[str], max_new_tokens: int, stop: list[str] | None = None) -> list[str]:
@@ -399,6 +401,8 @@ def main():
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise utils.ReSearchError(f"--output_dir {out_dir}: cannot create it ({e})") from e
+    if args.backend != "hf":  # a research prompt the engine cannot hold with its budget: refused before it starts
+        importlib.import_module(f"extras.{args.backend}_backend").check_prompts(args, sargs, datasets)
     engine = load_engine(args, sargs)
     resume = importlib.import_module("extras.resume")
     results_table = importlib.import_module("extras.results_table")  # EM / F1 / acc / LJ with 95% CIs

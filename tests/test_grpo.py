@@ -1,6 +1,6 @@
 """03_grpo_search.py: the search rollout through TRL's real GRPO loss (the retrieved-token mask), the
 Hugging Face back end with a real model, a two-step run with checkpoint, logs, trajectories, resume
-and curves, and the vLLM back end (GPU only, skipped here with the reason).
+and curves. The vLLM back end: tests/test_vllm.py.
 
 A model that really searches: the conftest's tiny random Llama, taught in a few seconds (in this
 file) to answer one question at once and to search once for another, then answer."""
@@ -8,9 +8,6 @@ file) to answer one question at once and to search once for another, then answer
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -47,12 +44,12 @@ def load_script():
     return load_stage("03_grpo_search.py", "grpo_search")
 
 
-def teach(model, rows, pad_id=0):
+def teach(model, rows, pad_id=0, lr=1e-2):
     """Fit the model to (prompt ids, completion ids) pairs until it reproduces them (loss < 3e-3)."""
     width = max(len(p) + len(c) for p, c in rows)
     ids = torch.tensor([p + c + [pad_id] * (width - len(p) - len(c)) for p, c in rows])
     labels = torch.tensor([[-100] * len(p) + c + [-100] * (width - len(p) - len(c)) for p, c in rows])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(300):
         loss = model(input_ids=ids, labels=labels).loss
         if loss.item() < 3e-3:
@@ -428,41 +425,3 @@ def test_bad_input_fails_clearly(tmp_path, tokenizer):
         grpo.load_prompts(grpo.GRPOSearchArguments(train_data=str(ROOT / "data/mini/train.jsonl"),
                                                    max_prompt_length=10),
                           utils.SearchArguments(), tokenizer)
-
-
-# ---------------------------------------------------------------------------------------------
-# vLLM (GPU). Real code paths: run them on a machine with a CUDA GPU and `pip install vllm`.
-# ---------------------------------------------------------------------------------------------
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM back end needs a CUDA GPU (none here)")
-
-
-def check_vllm_rollout(trainer, tokenizer):
-    out = trainer.search_rollout([SEARCH_Q, DIRECT_Q])
-    for q, ids, mask, logprobs in zip((SEARCH_Q, DIRECT_Q), out["completion_ids"], out["env_mask"], out["logprobs"]):
-        assert (ids, mask) == scripted_completion(tokenizer, q)  # same layout as the HF back end
-        assert len(logprobs) == len(ids) and all((lp is None) == (m == 0) for lp, m in zip(logprobs, mask))
-
-
-@needs_gpu
-def test_vllm_colocate_backend_same_layout(search_model_dir, tokenizer, tmp_path):
-    pytest.importorskip("vllm", reason="vLLM is not installed")
-    trainer = make_trainer(load_script(), search_model_dir, tokenizer, tmp_path, use_vllm=True, vllm_mode="colocate",
-                           vllm_gpu_memory_utilization=0.2, vllm_max_model_length=1024)
-    check_vllm_rollout(trainer, tokenizer)
-    trainer.train()  # one step: weight sync, importance-sampling correction with our log-probs
-
-
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="vLLM server mode needs 2 CUDA GPUs (server, trainer)")
-def test_vllm_server_backend_same_layout(search_model_dir, tokenizer, tmp_path):
-    pytest.importorskip("vllm", reason="vLLM is not installed")
-    port = 8765
-    server = subprocess.Popen([sys.executable, "-m", "trl.cli.main", "vllm-serve", "--model", search_model_dir,
-                               "--port", str(port), "--gpu_memory_utilization", "0.3", "--max_model_len", "1024"],
-                              env=dict(os.environ, CUDA_VISIBLE_DEVICES="1"), start_new_session=True)
-    try:
-        trainer = make_trainer(load_script(), search_model_dir, tokenizer, tmp_path, use_vllm=True,
-                               vllm_mode="server", vllm_server_base_url=f"http://127.0.0.1:{port}")
-        check_vllm_rollout(trainer, tokenizer)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
