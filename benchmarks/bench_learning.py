@@ -88,6 +88,23 @@ def markdown(table: dict, n: int) -> str:
     return "\n".join(lines)
 
 
+def read_times(path: Path) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {}
+
+
+def show_committed(path: Path) -> None:
+    """The committed `make learn` result, labelled as such (make demo ends with it)."""
+    if not path.is_file():
+        raise utils.ReSearchError(f"{path}: no committed result (run make learn)")
+    summary = json.loads(path.read_text())
+    seconds = summary.get("wall_seconds_total", summary["wall_seconds_this_call"])
+    print(f"== `make learn`, the committed result ({path.relative_to(ROOT)}), not this run: the warm-up vs "
+          f"warm-up + GRPO, {summary['n']} held-out questions, {seconds / 60:.0f} min on 2 cores ==")
+    print(summary["markdown"])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", choices=SPLITS, default="heldout")
@@ -97,8 +114,12 @@ def main():
     p.add_argument("--work_dir", default="runs/learn")
     p.add_argument("--out_dir", default="benchmarks/results")
     p.add_argument("--eval_batch_size", type=int, default=25)
+    p.add_argument("--show_committed", action="store_true", help="print the committed held-out result and exit")
     p.add_argument("grpo_args", nargs="*", help="after --: more 03_grpo_search.py flags (the recipe's overrides)")
     args = p.parse_args()
+    if args.show_committed:
+        show_committed(ROOT / args.out_dir / "learning_summary.json")
+        return
     t_start, work = time.time(), ROOT / args.work_dir
     run_dir, log = work / args.tag, work / args.tag / "log.txt"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +129,8 @@ def main():
     questions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dev[start:end]))
     ids = [r["id"] for r in dev[start:end]]
 
+    # each stage's seconds, kept beside its output: a stage reused from an earlier call still counts
+    shared_times, run_times = work / "stage_seconds.json", run_dir / "stage_seconds.json"
     seconds = {}
     if not (work / "index_mini" / "manifest.json").is_file():
         seconds["index"] = run([sys.executable, "01_build_index.py", "--corpus", "data/mini/corpus.jsonl",
@@ -117,21 +140,27 @@ def main():
     if not (sft / "config.json").is_file():
         seconds["warmup"] = run([sys.executable, "02_sft_warmup.py", "--config", args.sft_config, *search,
                                  "--output_dir", str(sft)], log)
+    shared_times.write_text(json.dumps({**read_times(shared_times), **seconds}))
     grpo = run_dir / "grpo"
     if not (grpo / "config.json").is_file():
         seconds["grpo"] = run([sys.executable, "03_grpo_search.py", "--config", args.grpo_config, *search,
                                "--model", str(sft), "--output_dir", str(grpo), "--report_to", "none",
                                *args.grpo_args], log)
+        run_times.write_text(json.dumps({"grpo": seconds["grpo"]}))
     before, seconds["eval_before"] = evaluate(sft, questions, end - start, work / f"eval_sft_{args.split}", log,
                                               args.eval_batch_size)
     after, seconds["eval_after"] = evaluate(grpo, questions, end - start, run_dir / f"eval_{args.split}", log,
                                             args.eval_batch_size)
+    seconds = {**read_times(shared_times), **read_times(run_times), **seconds}
+    trained = [(r["step"], r["question_id"]) for r in utils.read_jsonl(grpo / "trajectories.jsonl")]
     table = summarize(before, after, ids)
     md = markdown(table, len(ids))
     print(md)
     summary = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "split": args.split,
                "questions": f"{DEV.relative_to(ROOT)}[{start}:{end}]", "n": len(ids), "tag": args.tag,
                "wall_seconds_this_call": round(time.time() - t_start), "stage_seconds": seconds,
+               "wall_seconds_total": round(sum(seconds.values())), "grpo_steps": max(step for step, _ in trained),
+               "trained_ids": [qid for _, qid in sorted(set(trained))],
                "commit": subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                                         text=True).stdout.strip(),
                "tuning_ids": [r["id"] for r in dev[slice(*SPLITS["tuning"])]],

@@ -145,11 +145,11 @@ def test_ircot_keeps_every_passage_by_best_score_ascending(mini_index, tokenizer
 
 def test_every_back_end_stops_at_the_generation_configs_eos_ids(tmp_path, tiny_model_dir, mini_index):
     """Qwen2.5-Instruct's generation config lists two stop ids; the tokenizer knows one. Every back end
-    (here the api one, which loads no weights) stops at both."""
+    stops at both: load_engine reads them before it builds any back end (here hf, on the tiny model)."""
     shutil.copytree(tiny_model_dir, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "generation_config.json").read_text())
     (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**cfg, "eos_token_id": [2, 7]}))
-    e = ev.load_engine(ev.EvalArguments(model=str(tmp_path / "m"), backend="api"),
+    e = ev.load_engine(ev.EvalArguments(model=str(tmp_path / "m"), backend="hf"),
                        utils.SearchArguments(retriever=mini_index))
     assert {2, 7} <= e.eos_ids
 
@@ -198,7 +198,8 @@ def test_read_predictions_tolerates_only_a_truncated_last_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def scripted_model_dir(tmp_path_factory, tokenizer, mini_index):
-    return train_scripted_model(tmp_path_factory.mktemp("scripted"), tokenizer, mini_index)
+    # "instruct" in its path: FlashRAG's rule gives the baselines chat prompts
+    return train_scripted_model(tmp_path_factory.mktemp("scripted-instruct"), tokenizer, mini_index)
 
 
 def train_scripted_model(out: Path, tok, mini_index: str, heads: int = 4, kv_heads: int = 2, extra=()) -> str:
@@ -208,7 +209,6 @@ def train_scripted_model(out: Path, tok, mini_index: str, heads: int = 4, kv_hea
     import transformers
     ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     search = utils.load_retriever(mini_index)
-    out = tmp_path_factory.mktemp("scripted-instruct")  # "instruct" in its path: FlashRAG's chat prompts
     engine = SimpleNamespace(tok=tok, sargs=utils.SearchArguments(), args=SimpleNamespace(model=str(out)))
     block = utils.format_result_block(search(["Scott Derrickson"], 3)[0], 30)
     judge_prompt = (judging.JUDGE_PROMPT.replace("{question}", FRANCE["question"])

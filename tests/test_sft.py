@@ -68,7 +68,7 @@ def replay(records, tokenizer, search):
                 end += 1
             tail = junk if end < len(ids) else [tokenizer.pad_token_id] * 3
             outs.append((ids[len(c) : end] + tail)[:max_new_tokens])
-        return outs
+        return outs, None
 
     prompts = [r["input_ids"][: r["num_prompt_tokens"]] for r in records]
     return utils.search_rollout(prompts, generate, search, tokenizer, {tokenizer.eos_token_id},
@@ -175,7 +175,7 @@ def test_rejection_sampling_keeps_only_passing_rollouts(built, tokenizer):
                 outs.append(right[done:end])
             else:
                 outs.append(wrong + [tokenizer.eos_token_id])
-        return outs
+        return outs, None
 
     args = sft.WarmupArguments(rollout_samples=2, min_f1=0.8)
     kept, stats = rejection.build_from_rollouts(rows, tokenizer, SEARCH, SARGS, args, generate, tokenizer,

@@ -148,7 +148,7 @@ def vllm_model_dir(tmp_path_factory, tokenizer, mini_index):
     extra = [[(enc(SPELL_Q, tok) + odd, 0), (enc(" odd", tok) + [tok.eos_token_id], 1)],
              [(enc(SPELL_Q, tok) + canonical, 0), (enc(" canonical", tok) + [tok.eos_token_id], 1)],
              [(enc(SAY_Q, tok), 0), (odd + [tok.eos_token_id], 1)]]
-    return train_scripted_model(tmp_path_factory.mktemp("scripted32"), tok, mini_index, heads=2, kv_heads=1,
+    return train_scripted_model(tmp_path_factory.mktemp("scripted32-instruct"), tok, mini_index, heads=2, kv_heads=1,
                                 extra=extra)
 
 
