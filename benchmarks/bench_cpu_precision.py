@@ -171,7 +171,8 @@ def evaluate(args, tmp: Path) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}; load before the run {results['load']}.", "",
+    lines = [f"Machine: {results['machine']}; torch threads {results['torch_threads']} on CPUs {results['cpus']}; "
+             f"load before the run {results['load']}.", "",
              "| what | float32 | auto | auto / float32 |", "|---|---:|---:|---:|"]
     for name, cell in results.get("kernels", {}).items():
         if isinstance(cell, dict):
@@ -196,7 +197,9 @@ def markdown(results: dict) -> str:
 
 def main():
     args = parse_args()
-    results = {"machine": native_bf16()[1], "load": os.getloadavg()[0], "model": args.model}
+    import torch
+    results = {"machine": native_bf16()[1], "load": os.getloadavg()[0], "model": args.model,
+               "torch_threads": torch.get_num_threads(), "cpus": sorted(os.sched_getaffinity(0))}
     parts = args.parts.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         if "kernels" in parts:

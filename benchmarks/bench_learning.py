@@ -8,7 +8,8 @@ resampling questions). The reward, the mask and the search settings are the pape
 Questions: data/mini/hotpotqa_dev.jsonl (500, file order), split once:
   held-out  the first 300 (--split heldout): reported once, for the final recipe
   tuning    questions 400-499 (--split tuning): where recipes were compared
-  training  data/mini/train.jsonl (03's --train_data, the recipe's); never a dev question
+  training  the recipe's --train_data: data/mini/train.jsonl (HotpotQA + MuSiQue train), or questions 300-399,
+            written to <work_dir>/train_dev.jsonl (HotpotQA dev, hard, as the evaluated ones; never evaluated)
 Writes (--split heldout) to --out_dir (benchmarks/results):
   learning_heldout.jsonl  per question: id, question, golden_answers, before / after {prediction, trajectory,
                           ended_with_eos} (trajectory = the response text evaluation read, result contents
@@ -37,6 +38,7 @@ import utils  # noqa: E402
 tables = importlib.import_module("extras.results_table")
 DEV = ROOT / "data" / "mini" / "hotpotqa_dev.jsonl"
 SPLITS = {"heldout": (0, 300), "tuning": (400, 500)}
+TRAIN_DEV = (300, 400)  # never evaluated: runs/learn/train_dev.jsonl, training questions of the dev distribution
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -52,13 +54,14 @@ def run(cmd: list[str], log: Path) -> float:
     return round(time.time() - t0, 1)
 
 
-def evaluate(model: Path, questions: Path, n: int, out: Path, log: Path, batch_size: int) -> tuple[dict, float]:
+def evaluate(model: Path, questions: Path, n: int, out: Path, log: Path, batch_size: int,
+             search: list[str]) -> tuple[dict, float]:
     """04_eval.py's research method, greedy, CPU search settings; its predictions by id."""
     seconds = 0.0
     if not (out / "results.json").is_file():
         seconds = run([sys.executable, "04_eval.py", "--config", "configs/eval_cpu.yaml", "--model", str(model),
                        "--methods", "research", "--datasets", str(questions), "--limit", str(n),
-                       "--batch_size", str(batch_size), "--output_dir", str(out)], log)
+                       "--batch_size", str(batch_size), "--output_dir", str(out), *search], log)
     (pred,) = out.glob("research/*/predictions.jsonl")
     return {r["id"]: r for r in utils.read_jsonl(pred)}, seconds
 
@@ -127,6 +130,8 @@ def main():
     dev = utils.read_jsonl(DEV)
     questions = work / f"{args.split}.jsonl"
     questions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dev[start:end]))
+    train_dev = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dev[slice(*TRAIN_DEV)])
+    (work / "train_dev.jsonl").write_text(train_dev)
     ids = [r["id"] for r in dev[start:end]]
 
     # each stage's seconds, kept beside its output: a stage reused from an earlier call still counts
@@ -148,9 +153,9 @@ def main():
                                *args.grpo_args], log)
         run_times.write_text(json.dumps({"grpo": seconds["grpo"]}))
     before, seconds["eval_before"] = evaluate(sft, questions, end - start, work / f"eval_sft_{args.split}", log,
-                                              args.eval_batch_size)
+                                              args.eval_batch_size, search)
     after, seconds["eval_after"] = evaluate(grpo, questions, end - start, run_dir / f"eval_{args.split}", log,
-                                            args.eval_batch_size)
+                                            args.eval_batch_size, search)
     seconds = {**read_times(shared_times), **read_times(run_times), **seconds}
     trained = [(r["step"], r["question_id"]) for r in utils.read_jsonl(grpo / "trajectories.jsonl")]
     table = summarize(before, after, ids)

@@ -4,7 +4,8 @@ that both do (nearly) the same work, once with generate calls cut at 16 tokens (
 --max_new_tokens_per_call) and once uncut. vLLM is TRL's colocated engine exactly as 03 --use_vllm builds it
 (TRL's VLLMGeneration: in-process, external_launcher, bf16 on the CPU; extras/vllm_cpu.py's weight-reload
 workaround and KV-cache size), driven by extras/vllm_rollout.make_generate; its construction is the engine
-start. Hugging Face: utils.hf_generate_fn(fast=True) on the fp32 policy, as 03's default CPU rollout.
+start. Hugging Face: utils.hf_generate_fn(fast=True) on the fp32 policy (03 with --dtype float32) and on a
+bf16 copy (03's --dtype auto on a CPU with native bf16).
 Reports model tokens (mask 1) per second of rollout, and whether the two back ends' rows are identical.
 
 Run it with the vLLM venv (make setup-vllm-cpu) after a warm-up in runs/sft; record `uptime` beside it:
@@ -75,10 +76,12 @@ def main():
         result["weight_sync_s"] = time.perf_counter() - t0
     vllm_generate = vllm_rollout.make_generate(vg, accelerator, tok, eos_ids, max_len)
     hf_generate = utils.hf_generate_fn(model, tok, fast=True)
+    # 03's default rollout on a CPU with native bf16 (--dtype auto): the same fast generate on a bf16 copy
+    hf_bf16_generate = utils.hf_generate_fn(utils.load_model(a.model, "bfloat16", device="cpu"), tok, fast=True)
 
     for per_call in (16, 0):
         runs = {}
-        for name, generate in (("hf_fast", hf_generate), ("vllm", vllm_generate)):
+        for name, generate in (("hf_fast", hf_generate), ("hf_fast_bf16", hf_bf16_generate), ("vllm", vllm_generate)):
             rows, seconds = rollout(prompts, generate, search, tok, eos_ids, per_call)
             model_tokens = sum(sum(r.mask) for r in rows)
             runs[name] = {"seconds": round(seconds, 1), "model_tokens": model_tokens,

@@ -39,3 +39,6 @@ def test_committed_learning_result_rescores_to_its_table():
     train = utils.read_jsonl(ROOT / "data" / "mini" / "train.jsonl")
     assert not set(ids) & {t["id"] for t in train}
     assert not {r["question"] for r in rows} & {t["question"] for t in train}
+    # the questions GRPO actually trained on (its trajectories.jsonl, every step), whatever file they came from
+    assert summary["trained_ids"] and not set(ids) & set(summary["trained_ids"])
+    assert not set(summary["tuning_ids"]) & set(summary["trained_ids"])

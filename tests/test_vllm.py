@@ -405,6 +405,30 @@ def test_03_colocated_vllm_two_steps(search_model32, mini_index, tmp_path):
     assert "vllm True" in p.stdout
 
 
+@needs_vllm
+def test_03_two_processes_each_with_a_colocated_vllm(search_model32, mini_index, tmp_path):
+    """README's CPU scale-out check with --use_vllm true: accelerate launch, two CPU processes over gloo, each
+    with its own colocated engine (TRL's external_launcher, tensor parallel 1), one GRPO step, the final model
+    written by rank 0."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "question": q, "golden_answers": [g]}) + "\n"
+                            for i, (q, g) in enumerate([(SEARCH_Q, "American"), (DIRECT_Q, "4")])))
+    out = tmp_path / "grpo"
+    p = run_vllm("-m", "accelerate.commands.launch", "--config_file", "configs/accelerate_ddp.yaml",
+                 "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29519",
+                 "03_grpo_search.py", "--config", "configs/grpo_cpu.yaml", "--use_cpu", "true", "--use_vllm", "true",
+                 "--model", search_model32, "--train_data", data, "--retriever", mini_index, "--output_dir", out,
+                 "--max_steps", "1", "--num_generations", "2", "--per_device_train_batch_size", "2",
+                 "--max_completion_length", "300", "--temperature", "0.3", "--report_to", "none",
+                 env={"OMP_NUM_THREADS": "1"}, timeout=1200)
+    assert "vllm True | processes 2" in p.stdout
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "reward" in m]
+    assert [m["step"] for m in steps] == [1] and math.isfinite(steps[0]["loss"])
+    assert steps[0]["search/searches_per_rollout"] > 0, steps[0]  # the scripted search question searched
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
 # ---------------------------------------------------------------------------------------------
 # On a CUDA machine with vLLM in the test venv (make setup-gpu): the trainer in-process, and server mode with
 # its NCCL weight sync (CUDA only). Skipped here with the reason.
