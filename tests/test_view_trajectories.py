@@ -44,7 +44,7 @@ def make_rollouts(tok):
             outs.append(tok(turns[calls[i]], add_special_tokens=False)["input_ids"]
                         + ([tok.eos_token_id] if calls[i] == len(turns) - 1 else []))
             calls[i] += 1
-        return outs
+        return outs, None
 
     search = lambda queries, k: [PASSAGES[q][:k] for q in queries]  # noqa: E731
     rollouts = utils.search_rollout(prompts, generate, search, tok, {tok.eos_token_id}, max_completion_length=2000)

@@ -425,7 +425,6 @@ def test_03_two_processes_each_with_a_colocated_vllm(search_model32, mini_index,
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in steps if "reward" in m]
     assert [m["step"] for m in steps] == [1] and math.isfinite(steps[0]["loss"])
-    assert steps[0]["search/searches_per_rollout"] > 0, steps[0]  # the scripted search question searched
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
 
 
