@@ -104,7 +104,7 @@ def show_committed(path: Path) -> None:
     summary = json.loads(path.read_text())
     seconds = summary.get("wall_seconds_total", summary["wall_seconds_this_call"])
     print(f"== `make learn`, the committed result ({path.relative_to(ROOT)}), not this run: the warm-up vs "
-          f"warm-up + GRPO, {summary['n']} held-out questions, {seconds / 60:.0f} min on 2 cores ==")
+          f"warm-up + GRPO, {summary['n']} held-out questions, its stages {seconds / 60:.0f} min as measured ==")
     print(summary["markdown"])
 
 
