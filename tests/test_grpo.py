@@ -8,6 +8,7 @@ file) to answer one question at once and to search once for another, then answer
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,13 @@ TURN1 = " <think> Look up. </think> <search> Ed Wood </search>"
 TURN2 = " <think> So. </think> <answer> \\boxed{American} </answer>"
 DIRECT = " <think> Easy. </think> <answer> \\boxed{4} </answer>"
 SEARCH_ARGS = utils.SearchArguments(retriever="(in-test word_search)", topk=1, max_searches=4)
+
+
+def write_train_data(path: Path) -> Path:
+    """The two scripted questions as a FlashRAG jsonl (03's --train_data): one that searches, one answered at once."""
+    path.write_text("".join(json.dumps({"id": str(i), "question": q, "golden_answers": [g]}) + "\n"
+                            for i, (q, g) in enumerate([(SEARCH_Q, "American"), (DIRECT_Q, "4")])))
+    return path
 
 
 def enc(text, tok):
@@ -390,9 +398,7 @@ def test_two_process_run_keeps_ranks_in_lock_step(search_model_dir, tokenizer, m
     teach(model, pairs)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"id": str(i), "question": q, "golden_answers": [g]}) + "\n"
-                            for i, (q, g) in enumerate([(SEARCH_Q, "American"), (DIRECT_Q, "4")])))
+    data = write_train_data(tmp_path / "train.jsonl")
     out = tmp_path / "grpo"
     p = run_script("-m", "accelerate.commands.launch", "--config_file", "configs/accelerate_ddp.yaml",
                    "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29517",

@@ -26,7 +26,7 @@ import pytest
 
 from conftest import ROOT, run_script
 from test_eval import CPU, free_port, read_jsonl, train_scripted_model
-from test_grpo import DIRECT_Q, SEARCH_Q, enc, load_script, make_trainer, scripted_completion, teach
+from test_grpo import DIRECT_Q, SEARCH_Q, enc, write_train_data, load_script, make_trainer, scripted_completion, teach
 
 vllm_rollout = __import__("extras.vllm_rollout", fromlist=["vllm_rollout"])
 
@@ -375,9 +375,7 @@ def test_03_colocated_vllm_two_steps(search_model32, mini_index, tmp_path):
     follows its script), run through
     tests/vllm_grpo_driver.py (see there): layout and log-probs of the vLLM rollout, the weight sync reaching
     the engine, finite losses, the final model saved, and the command returning."""
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"id": str(i), "question": q, "golden_answers": [g]}) + "\n"
-                            for i, (q, g) in enumerate([(SEARCH_Q, "American"), (DIRECT_Q, "4")])))
+    data = write_train_data(tmp_path / "train.jsonl")
     out = tmp_path / "grpo"
     p = run_vllm("tests/vllm_grpo_driver.py", tmp_path / "report.json", "--",
                  "--config", "configs/grpo_cpu.yaml", "--model", search_model32, "--use_vllm", "true",
@@ -410,9 +408,7 @@ def test_03_two_processes_each_with_a_colocated_vllm(search_model32, mini_index,
     """README's CPU scale-out check with --use_vllm true: accelerate launch, two CPU processes over gloo, each
     with its own colocated engine (TRL's external_launcher, tensor parallel 1), one GRPO step, the final model
     written by rank 0."""
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"id": str(i), "question": q, "golden_answers": [g]}) + "\n"
-                            for i, (q, g) in enumerate([(SEARCH_Q, "American"), (DIRECT_Q, "4")])))
+    data = write_train_data(tmp_path / "train.jsonl")
     out = tmp_path / "grpo"
     p = run_vllm("-m", "accelerate.commands.launch", "--config_file", "configs/accelerate_ddp.yaml",
                  "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29519",
