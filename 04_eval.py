@@ -53,7 +53,7 @@ class EvalArguments:
     limit: int | None = None
     """The first N questions of each dataset (file order)."""
     output_dir: str | None = None
-    """Default runs/eval/<model name>; an earlier run there is resumed."""
+    """Default runs/eval/<model name> (-vllm / -api with those back ends); an earlier run there is resumed."""
     overwrite: bool = False
     """Replace earlier predictions instead of resuming them."""
     question: str | None = None
@@ -152,9 +152,11 @@ def load_engine(args: EvalArguments, sargs: utils.SearchArguments) -> SimpleName
     precision = importlib.import_module("extras.precision")  # auto: bfloat16 where native, else float32
     engine = SimpleNamespace(tok=tok, search=search, eos_ids=eos_ids, args=args, sargs=sargs)
     engine.dtype = precision.choose_dtype(args.dtype)
-    if args.backend == "api":
+    why = precision.native_bf16()[1]
+    if args.backend == "api":  # the server computes: this machine's CPU says nothing about it
         engine.dtype = "the server's"
-    print(f"precision: {engine.dtype} ({precision.native_bf16()[1]})", file=sys.stderr)
+        why = "set where the server starts, e.g. vLLM's --dtype"
+    print(f"precision: {engine.dtype} ({why})", file=sys.stderr)
     if args.backend != "hf":  # extras/vllm_backend.py, extras/api_backend.py
         backend = importlib.import_module(f"extras.{args.backend}_backend")
         engine.generate_ids, engine.complete = backend.backend(args, tok, eos_ids)
@@ -396,7 +398,10 @@ def main():
     if args.question is not None:
         return importlib.import_module("extras.ask").ask(args, load_engine(args, sargs), run_research)
     datasets = load_datasets(args)
-    out_dir = Path(args.output_dir or Path("runs") / "eval" / Path(args.model.rstrip("/")).name)
+    out_dir = Path("runs") / "eval" / Path(args.model.rstrip("/")).name
+    if args.backend != "hf":  # beside the hf run of the same model, not resuming it
+        out_dir = out_dir.with_name(f"{out_dir.name}-{args.backend}")
+    out_dir = Path(args.output_dir or out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -9,6 +9,7 @@ run, the same seed and rows for both.
    --max_steps 2`, against the same command with `--dtype float32 --bf16 false`: seconds per completion
    token of a step (the rollouts are sampled, so their lengths differ: the time per token compares them),
    split into generate and train, and the mean reward. Goal: auto <= 0.55x (done when <= 0.6x).
+   --grpo_seeds 0 1 2: one back-to-back pair per seed, pooled (the sampled rollouts make one pair noisy).
 3. sft: the warm-up (`02_sft_warmup.py --config configs/sft_cpu.yaml --max_steps 4`): seconds per step.
 4. eval: `04_eval.py --config configs/eval_cpu.yaml --model runs/sft --methods research --limit N`: seconds
    per question and how many greedy predictions agree.
@@ -44,6 +45,8 @@ def parse_args():
     p.add_argument("--parts", default="kernels,grpo,sft,eval")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eval_questions", type=int, default=16)
+    p.add_argument("--grpo_seeds", type=int, nargs="+", default=[0],
+                   help="one fp32 / auto pair of GRPO runs per seed, pooled (0: the issue's single pair)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_precision"))
     args = p.parse_args()
     if not (Path(args.model) / "trajectories.jsonl").is_file():
@@ -82,6 +85,17 @@ def kernels(args) -> dict:
         fp32.zero_grad()
         fp32.eval()
 
+    def lm_head(autocast: bool):
+        # TRL's fused LM head as GRPOTrainer runs it on a CPU: every position scored (no Triton), with
+        # entropy, its backward's GEMMs accumulated in float32 (trl/kernels/chunked_logprob.py)
+        from trl.kernels import ChunkedLogProbFunction
+        hidden = torch.randn(ids.numel(), fp32.config.hidden_size, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logps, *_ = ChunkedLogProbFunction.apply(hidden, fp32.lm_head.weight, None, ids.reshape(-1), 1.0,
+                                                     32768, None, 1.0, ("log_probs", "entropy"))
+        logps.sum().backward()
+        fp32.zero_grad()
+
     def sample(model):
         torch.manual_seed(0)
         prompt = ids[:, :200].repeat(2, 1)
@@ -94,6 +108,7 @@ def kernels(args) -> dict:
     for name, run_fp32, run_bf16 in (("reference forward", lambda: forward(fp32), lambda: forward(bf16)),
                                      ("policy forward+backward", lambda: forward_backward(False),
                                       lambda: forward_backward(True)),
+                                     ("TRL's LM head forward+backward", lambda: lm_head(False), lambda: lm_head(True)),
                                      ("sampling 8 x 128 tokens", lambda: sample(fp32), lambda: sample(bf16))):
         run_fp32()  # warm-up of both
         run_bf16()
@@ -114,13 +129,14 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def grpo(args, tmp: Path) -> dict:
+def grpo_pair(args, tmp: Path, seed: int) -> dict:
+    """The preset's two steps in fp32, then in auto, with this seed."""
     out = {}
     for name, extra in (("float32", FP32), ("auto", [])):
-        folder = tmp / f"grpo_{name}"
+        folder = tmp / f"grpo_{name}_{seed}"
         wall = run(["03_grpo_search.py", "--config", "configs/grpo_cpu.yaml", "--model", args.model,
                     "--max_steps", "2", "--output_dir", str(folder), "--save_steps", "100", "--report_to", "none",
-                    *extra])
+                    "--seed", str(seed), *extra])
         steps = [m for m in utils.read_jsonl(folder / "metrics.jsonl") if "reward" in m]
         config = json.loads((folder / "run_config.json").read_text())
         rollouts = config["grpo"]["per_device_train_batch_size"]
@@ -129,11 +145,31 @@ def grpo(args, tmp: Path) -> dict:
                      "generate_s": round(sum(m["time/generate_s"] for m in steps), 1),
                      "train_s": round(sum(m["time/train_s"] for m in steps), 1),
                      "reward": [round(m["reward"], 3) for m in steps]}
-        step_s = out[name]["generate_s"] + out[name]["train_s"]
-        out[name]["s_per_completion_token"] = round(step_s / tokens, 4)
-        for part in ("generate_s", "train_s"):
-            out[name][part.replace("_s", "_s_per_token")] = round(out[name][part] / tokens, 4)
-        print(name, out[name], flush=True)
+        print(f"seed {seed}", name, out[name], flush=True)
+    return out
+
+
+def per_token(cell: dict) -> dict:
+    """Seconds per completion token of a step: all, generate, train."""
+    tokens = cell["completion_tokens"]
+    return {"s_per_completion_token": round((cell["generate_s"] + cell["train_s"]) / tokens, 4),
+            "generate_s_per_token": round(cell["generate_s"] / tokens, 4),
+            "train_s_per_token": round(cell["train_s"] / tokens, 4)}
+
+
+def grpo(args, tmp: Path) -> dict:
+    """One back-to-back pair per seed (rollouts are sampled, so their lengths differ: seconds per token
+    compare them); the pooled figures sum seconds and tokens over the seeds."""
+    pairs = {seed: grpo_pair(args, tmp, seed) for seed in args.grpo_seeds}
+    out = {"seeds": {}}
+    for seed, pair in pairs.items():
+        ratio = per_token(pair["auto"])["s_per_completion_token"] / per_token(pair["float32"])["s_per_completion_token"]
+        out["seeds"][seed] = {**pair, "ratio": round(ratio, 2)}
+    for name in ("float32", "auto"):
+        cells = [pair[name] for pair in pairs.values()]
+        pooled = {key: round(sum(c[key] for c in cells), 1) for key in ("completion_tokens", "generate_s", "train_s")}
+        pooled["reward"] = [r for c in cells for r in c["reward"]]
+        out[name] = {**pooled, **per_token(pooled)}
     out["ratio"] = round(out["auto"]["s_per_completion_token"] / out["float32"]["s_per_completion_token"], 2)
     return out
 
@@ -183,6 +219,8 @@ def markdown(results: dict) -> str:
             ratio = round(g["auto"][key] / g["float32"][key], 2)
             lines.append(f"| GRPO step, {key.replace('_', ' ')} | {g['float32'][key]} | {g['auto'][key]} | {ratio} |")
         lines.append(f"| GRPO mean reward per step | {g['float32']['reward']} | {g['auto']['reward']} | |")
+        ratios = ", ".join(f"seed {seed}: {pair['ratio']}" for seed, pair in g.get("seeds", {}).items())
+        lines.append(f"| GRPO step, s per completion token, each pair | | | {ratios} |")
     if "sft" in results:
         s = results["sft"]
         lines.append(f"| warm-up, s per step | {s['float32']['s_per_step']} | {s['auto']['s_per_step']} | {s['ratio']} |")

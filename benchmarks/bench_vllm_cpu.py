@@ -51,7 +51,7 @@ def main():
     cpu = importlib.import_module("extras.vllm_cpu")
     vllm_rollout = importlib.import_module("extras.vllm_rollout")
     tok = utils.load_tokenizer(a.model)
-    model = utils.load_model(a.model, device="cpu")  # float32, as 03's policy on a CPU
+    model = utils.load_model(a.model, "float32", device="cpu")  # 03's policy on a CPU
     eos_ids = utils.eos_token_ids(tok, model.generation_config)
     search = utils.load_retriever(a.retriever)
     qs = utils.load_questions(str(ROOT / "data" / "mini" / "train_sometimes.jsonl"))[: a.questions]
@@ -90,10 +90,12 @@ def main():
             print(f"[max_new_tokens_per_call {per_call}] {name}: {seconds:.1f} s, {model_tokens} model tokens, "
                   f"{model_tokens / seconds:.1f} tokens/s", flush=True)
         same = sum(x == y for x, y in zip(runs["hf_fast"]["ids"], runs["vllm"]["ids"]))
+        same_bf16 = sum(x == y for x, y in zip(runs["hf_fast"]["ids"], runs["hf_fast_bf16"]["ids"]))
         for r in runs.values():
             del r["ids"]
-        result[f"per_call_{per_call}"] = {**runs, "identical_rows": same}
-        print(f"[max_new_tokens_per_call {per_call}] identical rows: {same} of {len(prompts)}", flush=True)
+        result[f"per_call_{per_call}"] = {**runs, "identical_rows": same, "identical_rows_hf_bf16": same_bf16}
+        print(f"[max_new_tokens_per_call {per_call}] rows identical to hf_fast: vllm {same}, hf_fast_bf16 "
+              f"{same_bf16} of {len(prompts)}", flush=True)
     result["load_after"] = os.getloadavg()
     print(json.dumps(result, indent=2))
     if a.out:
