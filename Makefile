@@ -72,7 +72,7 @@ demo: setup
 	$(PY) extras/compare.py $(RUNS)/eval/before $(RUNS)/eval/after
 	@echo; $(PY) benchmarks/bench_learning.py --show_committed
 
-# Does GRPO learn? warm-up -> GRPO -> before/after on held-out questions, paired 95% CIs (~35-40 min on 2 idle cores, est.).
+# Does GRPO learn? warm-up -> GRPO -> before/after on held-out questions, paired 95% CIs (37 min on 2 idle cores, peak 17 GB RAM: BENCHMARKS.md).
 learn: setup
 	$(PY) benchmarks/bench_learning.py --split heldout --tag final
 
